@@ -1,0 +1,32 @@
+"""wsiseg: segment whole-slide pathology images with pathology foundation models.
+
+The public API mirrors the command line. Names are imported lazily so that
+`import wsiseg` (and `wsiseg --help`) never pulls in torch, timm or peft.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from wsiseg.errors import WsisegError
+
+__version__ = "0.1.0"
+
+# public name -> "module:attribute"
+_API: dict[str, str] = {
+    "fetch_samples": "wsiseg.samples:fetch_samples",
+}
+
+__all__ = ["WsisegError", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'wsiseg' has no attribute {name!r}")
+    module, attribute = _API[name].split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

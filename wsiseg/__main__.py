@@ -1,0 +1,3 @@
+from wsiseg.cli import main
+
+main()

@@ -1,0 +1,62 @@
+"""The `wsiseg` command line: a lazy click group whose commands are thin wrappers of the API.
+
+Each command lives in a module of this package and is imported only when it runs, so
+`wsiseg --help` stays instant (no torch, timm or peft at start-up).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from wsiseg.errors import WsisegError
+
+# command name -> (module in wsiseg.cli, attribute, one-line help shown by `wsiseg --help`)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "samples": ("slides", "samples_command", "Fetch the real sample slides, images and weights into the cache."),
+    "info": ("slides", "info_command", "Show a slide's format, levels, MPP and associated images."),
+    "tile": ("slides", "tile_command", "Tissue-mask slides and tile them into zarr stores."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module only when that command is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute, _ = COMMANDS[name]
+        return getattr(importlib.import_module(f"wsiseg.cli.{module}"), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="wsiseg")
+def cli() -> None:
+    """Segment whole-slide pathology images with pathology foundation models."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning user errors into one line and exit status 2."""
+    try:
+        cli.main(args=argv, prog_name="wsiseg", standalone_mode=False)
+    except WsisegError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Exit as exit_:
+        sys.exit(exit_.exit_code)

@@ -1,0 +1,67 @@
+"""Outputs that appear under their final name only when complete, and never overwrite silently."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from wsiseg.errors import WsisegError
+
+
+def partial_path(final: Path) -> Path:
+    """Where an output is built before it is renamed to `final` (kept on failure, for resume)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.partial")
+
+
+def check_writable(final: Path, overwrite: bool) -> None:
+    """Refuse an existing output without `overwrite`, or a folder we cannot write into."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise WsisegError(f"{final} already exists: pass --overwrite to replace it, or choose another output path")
+    parent = final.parent if str(final.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WsisegError(f"cannot create output folder {parent}: {error.strerror}; choose a writable --out") from None
+    probe = parent / f".{final.name}.write-test"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise WsisegError(f"cannot write into {parent}: {error.strerror}; choose a writable --out") from None
+
+
+def remove(path: Path) -> None:
+    """Remove a file or folder if it exists."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def publish(partial: Path, final: Path) -> None:
+    """Move a finished partial output onto its final name, replacing what was there."""
+    final = Path(final)
+    if final.exists():
+        remove(final)
+    Path(partial).rename(final)
+
+
+@contextmanager
+def atomic_output(final: Path, overwrite: bool = False, resume: bool = True) -> Iterator[Path]:
+    """Yield the partial path to write; rename it to `final` when the block ends without error.
+
+    A partial output left by an interrupted run is handed back for resuming when `resume` is
+    true (and cleared otherwise, or with `overwrite`). On error the partial output is kept.
+    """
+    final = Path(final)
+    check_writable(final, overwrite)
+    partial = partial_path(final)
+    if partial.exists() and (overwrite or not resume):
+        remove(partial)
+    yield partial
+    publish(partial, final)

@@ -1,0 +1,93 @@
+"""Progress bars with rate and ETA, and per-run log files."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import ProgressColumn
+from rich.text import Text
+
+LOGGER_NAME = "wsiseg"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def get_logger(name: str = "") -> logging.Logger:
+    """The project's logger, or a child of it."""
+    return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
+
+
+def setup_console_logging(level: int = logging.INFO) -> None:
+    """Log wsiseg messages to stderr once (called by the command line)."""
+    logger = get_logger()
+    logger.setLevel(min(level, logger.level or level))
+    if not any(getattr(handler, "_wsiseg_console", False) for handler in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        handler.setLevel(level)
+        handler._wsiseg_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
+
+@contextmanager
+def log_to_file(path: Path, level: int = logging.INFO) -> Iterator[Path]:
+    """Append wsiseg log records to `path` for the duration of the block."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(level)
+    logger = get_logger()
+    if logger.level == logging.NOTSET or logger.level > level:
+        logger.setLevel(level)
+    logger.addHandler(handler)
+    try:
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, with the unit of the task (tiles/s, windows/s, ...)."""
+
+    def render(self, task) -> Text:  # type: ignore[no-untyped-def]
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "it")
+        return Text("-" if speed is None else f"{speed:,.1f} {unit}/s", style="progress.data.speed")
+
+
+@contextmanager
+def progress_bar(total: int | None, description: str, unit: str = "tiles", disable: bool = False) -> Iterator:
+    """A progress bar showing count, rate and ETA; yields `advance(n=1)`."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        disable=disable,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(description, total=total, unit=unit)
+
+        def advance(n: int = 1) -> None:
+            progress.advance(task, n)
+
+        yield advance
