@@ -15,7 +15,7 @@ from wsiseg.errors import WsisegError
 
 # command name -> (module in wsiseg.cli, attribute, one-line help shown by `wsiseg --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "samples": ("slides", "samples_command", "Fetch the real sample slides, images and weights into the cache."),
+    "samples": ("samples", "samples_command", "Fetch the real sample slides, images and weights into the cache."),
     "info": ("slides", "info_command", "Show a slide's format, levels, MPP and associated images."),
     "tile": ("slides", "tile_command", "Tissue-mask slides and tile them into zarr stores."),
 }

@@ -1,0 +1,1 @@
+"""Viewer exports of masks and images."""
