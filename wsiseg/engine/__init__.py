@@ -1,0 +1,1 @@
+"""The whole-slide engine: loader, blender, predictors and the slide loop."""
