@@ -1,15 +1,16 @@
 """Window blending: weights, the plain in-memory blend, and the streaming row-stripe blender.
 
 Scores of overlapping windows are combined per pixel as sum(w * p) / sum(w). The streaming
-blender keeps an accumulator only one window tall: windows arrive row of windows by row of
-windows (top to bottom), and the rows above the next row of windows are final as soon as that
-row starts, so they are handed to a sink and forgotten. Peak memory grows with the image width,
+blender (torch, so it runs on the GPU next to the model) keeps an accumulator only one window
+tall: windows arrive in the order of their top row, and the rows above the next window's top
+row are final as soon as it arrives, so they are handed to a sink and forgotten. Peak memory grows with the image width,
 never with its height.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,18 +73,20 @@ def finalise(total: np.ndarray, weight_sum: np.ndarray, background: int = 0) -> 
     return labels, probabilities
 
 
-# sink(y0, labels (rows, W), probabilities (K, rows, W) float32): called once per finished stripe, top to bottom
-StripeSink = Callable[[int, np.ndarray, np.ndarray], None]
+# sink(y0, labels (rows, W) numpy, probabilities (K, rows, W) float32 numpy or None): once per finished stripe
+StripeSink = Callable[[int, np.ndarray, "np.ndarray | None"], None]
 
 
 class StripeBlender:
-    """Blend windows arriving row of windows by row of windows into finished row stripes.
+    """Blend windows arriving in row order into finished row stripes, on any torch device.
 
-    `row_starts` are the y of every row of windows of the grid, ascending (rows without any
-    window, e.g. background, still count: they tell when earlier rows are final). Windows are
-    added with `add`; `next_row(y)` declares that every later window starts at y or below, which
-    finalises the rows above y; `close()` finalises the rest. `start_row` > 0 resumes a run whose
-    rows above it are already written: contributions above it are dropped.
+    The accumulator holds one window's height of rows. Windows are added with `add` in the
+    order of their top row; `next_row(y)` declares that every later window starts at row y or
+    below, which finalises the rows above y and hands them to `sink` (labels, and the
+    normalised scores when `keep_probabilities`); `close()` finalises the rest. `start_row` > 0
+    resumes a run whose rows above it are already written: contributions above it are dropped.
+    Per pixel, contributions are summed in the order the windows arrive, exactly as
+    `blend_in_memory` does.
     """
 
     def __init__(
@@ -96,42 +99,57 @@ class StripeBlender:
         sink: StripeSink,
         background: int = 0,
         start_row: int = 0,
+        device: Any = "cpu",
+        keep_probabilities: bool = False,
     ) -> None:
+        import torch
+
         self.width = width
         self.height = height
-        self.window = window
-        self.num_outputs = num_outputs
-        self.weights = weights
         self.sink = sink
         self.background = background
+        self.keep_probabilities = keep_probabilities
         self.top = start_row  # first image row held by the accumulator
-        rows = min(window, max(height - start_row, 0))
-        self.total = np.zeros((num_outputs, max(rows, 1), width), dtype=np.float32)
-        self.weight_sum = np.zeros((max(rows, 1), width), dtype=np.float32)
+        rows = max(min(window, height - start_row), 1)
+        self.weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
+        self.total = torch.zeros((num_outputs, rows, width), dtype=torch.float32, device=device)
+        self.weight_sum = torch.zeros((rows, width), dtype=torch.float32, device=device)
 
-    def add(self, score: np.ndarray, x: int, y: int) -> None:
-        """Add one window's scores (K, h, w) at (x, y); rows above the accumulator are ignored."""
+    def add(self, score: Any, x: int, y: int) -> None:
+        """Add one window's scores (K, h, w) tensor at (x, y); rows above the accumulator are ignored."""
         if y > self.top:
-            raise ValueError(f"window at y={y} arrived before rows from {self.top} were finalised")
+            self.next_row(y)
         skip = self.top - y
         h = min(score.shape[1], self.height - y) - skip
         w = min(score.shape[2], self.width - x)
         if h <= 0 or w <= 0:
             return
-        self.total[:, :h, x : x + w] += score[:, skip : skip + h, :w] * self.weights[skip : skip + h, :w]
-        self.weight_sum[:h, x : x + w] += self.weights[skip : skip + h, :w]
+        weights = self.weights[skip : skip + h, :w]
+        self.total[:, :h, x : x + w] += score[:, skip : skip + h, :w] * weights
+        self.weight_sum[:h, x : x + w] += weights
 
     def next_row(self, y: int) -> None:
         """Every later window starts at row `y` or below: finalise and hand over the rows above it."""
+        import torch
+
         y = min(y, self.height)
         rows = self.total.shape[1]
         while self.top < y:
             count = min(y - self.top, rows)
-            labels, probabilities = finalise(self.total[:, :count], self.weight_sum[:count], self.background)
-            self.sink(self.top, labels, probabilities)
-            self.total[:, : rows - count] = self.total[:, count:]
+            total, weight_sum = self.total[:, :count], self.weight_sum[:count]
+            covered = weight_sum > 0
+            probabilities = total / torch.where(covered, weight_sum, torch.ones_like(weight_sum))[None]
+            labels = torch.argmax(probabilities, dim=0)
+            labels[~covered] = self.background
+            self.sink(
+                self.top,
+                labels.to(torch.int32).cpu().numpy(),
+                probabilities.cpu().numpy() if self.keep_probabilities else None,
+            )
+            if count < rows:
+                self.total[:, : rows - count] = self.total[:, count:].clone()
+                self.weight_sum[: rows - count] = self.weight_sum[count:].clone()
             self.total[:, rows - count :] = 0
-            self.weight_sum[: rows - count] = self.weight_sum[count:]
             self.weight_sum[rows - count :] = 0
             self.top += count
 
