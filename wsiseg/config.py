@@ -1,0 +1,426 @@
+"""The YAML configuration: the one place that knows every key, its default and its checks.
+
+`load_config(path)` reads a YAML file, fills defaults, resolves paths and checks everything
+up front, raising one `WsisegError` that lists every problem at once (unknown or misspelt keys
+with a "did you mean", wrong types, class counts that disagree, crop sizes the backbone cannot
+take, missing files). Relative input paths are resolved against the config file's folder
+(falling back to the current folder); `logging.output_dir` is relative to the current folder.
+`dataset.json: sample:hgsc_nest` selects the built-in labelled demo data set.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsiseg.errors import WsisegError
+from wsiseg.metrics import SUMMARY_METRICS
+
+DEMO_DATASET = "sample:hgsc_nest"
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: default, accepted types, and optional choices / bounds."""
+
+    default: Any
+    types: tuple[type, ...]
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    nullable: bool = False
+    help: str = ""
+
+
+def _k(default: Any, *types: type, choices: tuple | None = None, minimum: float | None = None,
+       maximum: float | None = None, nullable: bool = False, help: str = "") -> Key:
+    return Key(default, types, choices, minimum, maximum, nullable or default is None, help)
+
+
+LOSSES = ("cross_entropy", "dice", "iou", "ohem", "focal")
+AUGMENTATIONS = (
+    "random_resized_crop", "hflip", "vflip", "rotate90", "transpose", "elastic", "grid_distortion",
+    "optical_distortion", "color_jitter", "hsv", "rgb_shift", "gaussian_noise", "multiplicative_noise",
+    "gaussian_blur", "motion_blur", "median_blur", "brightness_contrast", "gamma", "coarse_dropout",
+)
+PROB = dict(minimum=0.0, maximum=1.0)
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "dataset": {
+        "json": _k(REQUIRED, str, help="reference JSON with train/val/test lists, or sample:hgsc_nest"),
+        "num_classes": _k(None, int, minimum=1),
+        "class_names": _k(None, list),
+        "ignore_index": _k(255, int, minimum=0),
+        "mpp": _k(0.5, float, int, minimum=0.01),
+    },
+    "system": {
+        "device": _k("auto", str),
+        "num_workers": _k(2, int, minimum=0),
+        "seed": _k(42, int, minimum=0),
+        "precision": _k("auto", str, choices=("auto", "bf16", "fp16", "fp32")),
+        "deterministic": _k(False, bool),
+    },
+    "model": {
+        "name": _k(REQUIRED, str),
+        "pfm_weights_path": _k(None, str),
+        "emb_dim": _k(None, int, minimum=1),
+        "decoder": _k("fused", str, choices=("fused", "progressive")),
+        "finetune_mode": _k("lora", str, choices=("lora", "dora", "full", "frozen")),
+        "lora_r": _k(8, int, minimum=1),
+        "lora_alpha": _k(16, int, float, minimum=0),
+        "lora_dropout": _k(0.0, float, int, **PROB),
+        "lora_target_modules": _k(["qkv", "proj"], list),
+        "input_size": _k(224, int, minimum=8),
+        "num_classes": _k(None, int, minimum=1),
+    },
+    "training": {
+        "epochs": _k(20, int, minimum=1),
+        "batch_size": _k(8, int, minimum=1),
+        "optimizer": _k("adamw", str, choices=("sgd", "adam", "adamw")),
+        "lr": _k(1e-4, float, minimum=0),
+        "backbone_lr": _k(None, float, minimum=0, help="learning rate of the backbone; null = lr"),
+        "weight_decay": _k(0.01, float, int, minimum=0),
+        "momentum": _k(0.9, float, **PROB),
+        "scheduler": _k("cosine", str, choices=("cosine", "step", "poly", "none")),
+        "warmup_epochs": _k(1.0, float, int, minimum=0),
+        "min_lr_ratio": _k(0.01, float, int, **PROB),
+        "step_epochs": _k(10, int, minimum=1),
+        "step_gamma": _k(0.1, float, minimum=0),
+        "poly_power": _k(0.9, float, int, minimum=0),
+        "loss": _k({"cross_entropy": 1.0}, dict),
+        "augmentations": _k({"random_resized_crop": 1.0, "hflip": 0.5, "vflip": 0.5, "rotate90": 0.5,
+                             "color_jitter": 0.5}, dict),
+        "grad_accum": _k(1, int, minimum=1),
+        "clip_grad": _k(1.0, float, int, minimum=0),
+        "crop_size": _k(None, int, minimum=8, help="training crop side; null = model.input_size"),
+        "repeats": _k(1, int, minimum=1, help="passes over the training list per epoch"),
+    },
+    "validation": {
+        "every": _k(1, int, minimum=1),
+        "metric": _k("mdice", str, choices=tuple(SUMMARY_METRICS)),
+        "batch_size": _k(8, int, minimum=1),
+        "mode": _k("windowslide", str, choices=("windowslide", "resize")),
+        "overlap": _k(0.25, float, int, minimum=0.0, maximum=0.9),
+        "blend": _k("gaussian", str, choices=("gaussian", "constant")),
+    },
+    "logging": {
+        "output_dir": _k("runs/experiment", str),
+        "log_every": _k(10, int, minimum=1),
+    },
+    "visualization": {
+        "num_samples": _k(4, int, minimum=0),
+        "alpha": _k(0.5, float, **PROB),
+    },
+}
+
+LOSS_OPTIONS: dict[str, Key] = {
+    "focal_gamma": _k(2.0, float, int, minimum=0),
+    "ohem_fraction": _k(0.25, float, minimum=0.0, maximum=1.0),
+    "ohem_threshold": _k(0.7, float, **PROB),
+    "class_weights": _k(None, list),
+    "smooth": _k(1.0, float, int, minimum=0),
+}
+
+
+@dataclass
+class _Problems:
+    items: list[str] = field(default_factory=list)
+
+    def add(self, message: str) -> None:
+        self.items.append(message)
+
+
+def _suggest(name: str, known: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping", bool: "true/false"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _check_value(where: str, key: Key, value: Any, problems: _Problems) -> Any:
+    """Check one value against its key; returns the (possibly coerced) value."""
+    if value is None:
+        if not key.nullable:
+            problems.add(f"{where} must not be empty")
+        return value
+    if isinstance(value, bool) and bool not in key.types:
+        problems.add(f"{where} must be {_type_name(key.types)}, got {value!r}")
+        return value
+    if float in key.types and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
+    if float in key.types and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, key.types):
+        problems.add(f"{where} must be {_type_name(key.types)}, got {value!r}")
+        return value
+    if key.choices is not None and value not in key.choices:
+        problems.add(f"{where} is {value!r}; choose one of {', '.join(map(str, key.choices))}{_suggest(value, key.choices)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key.minimum is not None and value < key.minimum:
+            problems.add(f"{where} is {value}; it must be at least {key.minimum}")
+        if key.maximum is not None and value > key.maximum:
+            problems.add(f"{where} is {value}; it must be at most {key.maximum}")
+    return value
+
+
+def _resolve_path(value: str, base_dir: Path) -> Path:
+    """A relative path against the config's folder, or the current folder when only it exists there."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    beside = (base_dir / path).resolve()
+    if beside.exists() or not path.exists():
+        return beside
+    return path.resolve()
+
+
+def _fill_section(name: str, given: Any, problems: _Problems) -> dict[str, Any]:
+    schema = SCHEMA[name]
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        problems.add(f"section '{name}' must be a mapping of keys, got {given!r}")
+        given = {}
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        if key not in schema:
+            home = [section for section, keys in SCHEMA.items() if key in keys and section != name]
+            hint = f" (it belongs in section '{home[0]}')" if home else _suggest(key, tuple(schema))
+            problems.add(f"unknown key '{name}.{key}'{hint}")
+            continue
+        out[key] = _check_value(f"{name}.{key}", schema[key], value, problems)
+    for key, spec in schema.items():
+        if key in out:
+            continue
+        if spec.default is REQUIRED:
+            problems.add(f"missing required key '{name}.{key}'")
+        else:
+            out[key] = copy.deepcopy(spec.default)
+    return out
+
+
+def _check_loss(loss: Any, problems: _Problems) -> dict[str, Any]:
+    if not isinstance(loss, dict):
+        return {}
+    out: dict[str, Any] = {}
+    terms = 0
+    for key, value in loss.items():
+        if key in LOSSES:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                problems.add(f"training.loss.{key} is a weight and must be a number >= 0, got {value!r}")
+                continue
+            out[key] = float(value)
+            terms += value > 0
+        elif key in LOSS_OPTIONS:
+            out[key] = _check_value(f"training.loss.{key}", LOSS_OPTIONS[key], value, problems)
+        else:
+            problems.add(f"unknown loss 'training.loss.{key}'{_suggest(key, LOSSES + tuple(LOSS_OPTIONS))}; "
+                         f"losses: {', '.join(LOSSES)}")
+    if not terms:
+        problems.add("training.loss has no loss with a weight > 0; e.g. {cross_entropy: 1.0, dice: 1.0}")
+    for key, spec in LOSS_OPTIONS.items():
+        out.setdefault(key, spec.default)
+    return out
+
+
+def _check_augmentations(augmentations: Any, problems: _Problems) -> dict[str, float]:
+    if not isinstance(augmentations, dict):
+        return {}
+    out: dict[str, float] = {}
+    for key, value in augmentations.items():
+        if key not in AUGMENTATIONS:
+            problems.add(f"unknown augmentation 'training.augmentations.{key}'{_suggest(key, AUGMENTATIONS)}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            problems.add(f"training.augmentations.{key} is a probability and must be within 0..1, got {value!r}")
+        else:
+            out[key] = float(value)
+    return out
+
+
+def _read_dataset_json(path: Path, problems: _Problems) -> dict[str, Any] | None:
+    if not path.is_file():
+        problems.add(f"dataset.json {path} does not exist; point it at the dataset JSON "
+                     "(train/val/test lists of image_path/mask_path)")
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        problems.add(f"dataset.json {path} is not valid JSON ({error})")
+        return None
+    if not isinstance(data, dict):
+        problems.add(f"dataset.json {path} must hold an object with train/val/test lists")
+        return None
+    return data
+
+
+def dataset_entries(data: dict[str, Any], split: str, json_path: Path) -> list[dict[str, Path | None]]:
+    """The (image, mask) paths of one split of a reference dataset JSON, resolved against its folder."""
+    entries = data.get(split) or []
+    if not isinstance(entries, list):
+        raise WsisegError(f"split '{split}' of {json_path} must be a list of {{image_path, mask_path}} objects")
+    out = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image_path" not in entry:
+            raise WsisegError(f"entry {index} of split '{split}' in {json_path} needs an 'image_path' (and 'mask_path')")
+        mask = entry.get("mask_path")
+        out.append({
+            "image": _resolve_path(str(entry["image_path"]), json_path.parent),
+            "mask": _resolve_path(str(mask), json_path.parent) if mask else None,
+        })
+    return out
+
+
+def _check_dataset(config: dict[str, Any], json_path: Path | None, splits: tuple[str, ...], problems: _Problems) -> None:
+    dataset = config["dataset"]
+    data = _read_dataset_json(json_path, problems) if json_path is not None else None
+    names = dataset.get("class_names")
+    if names is not None and not all(isinstance(n, str) for n in names):
+        problems.add("dataset.class_names must be a list of strings")
+    counts: dict[str, int] = {}
+    if isinstance(dataset.get("num_classes"), int):
+        counts["dataset.num_classes"] = dataset["num_classes"]
+    if isinstance(names, list):
+        counts["dataset.class_names"] = len(names)
+    if isinstance(config["model"].get("num_classes"), int):
+        counts["model.num_classes"] = config["model"]["num_classes"]
+    if data is not None:
+        if isinstance(data.get("num_classes"), int):
+            counts[f"num_classes in {json_path.name}"] = data["num_classes"]
+        for key in ("class_names", "classes"):
+            if isinstance(data.get(key), list):
+                counts[f"{key} in {json_path.name}"] = len(data[key])
+                if names is None:
+                    names = dataset["class_names"] = [str(n) for n in data[key]]
+    if len(set(counts.values())) > 1:
+        problems.add("the number of classes disagrees: " + ", ".join(f"{k} = {v}" for k, v in counts.items())
+                     + "; make them equal")
+    elif not counts:
+        problems.add("dataset.num_classes is missing; set it (or dataset.class_names)")
+    elif dataset.get("num_classes") is None:
+        dataset["num_classes"] = next(iter(counts.values()))
+    num_classes = dataset.get("num_classes")
+    if isinstance(num_classes, int) and dataset.get("class_names") is None:
+        dataset["class_names"] = ["background" if i == 0 else f"class_{i}" for i in range(num_classes)]
+    if isinstance(num_classes, int) and 0 <= dataset["ignore_index"] < num_classes:
+        problems.add(f"dataset.ignore_index {dataset['ignore_index']} is a real class (0..{num_classes - 1}); use 255")
+    if data is None:
+        return
+    for split in splits:
+        try:
+            entries = dataset_entries(data, split, json_path)
+        except WsisegError as error:
+            problems.add(str(error))
+            continue
+        if not entries:
+            problems.add(f"split '{split}' of {json_path} is empty; add image_path/mask_path entries")
+            continue
+        missing = [str(e[k]) for e in entries for k in ("image", "mask") if e[k] is not None and not e[k].is_file()]
+        no_mask = sum(e["mask"] is None for e in entries)
+        if no_mask and split in ("train", "val"):
+            problems.add(f"{no_mask} entries of split '{split}' in {json_path} have no mask_path")
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            problems.add(f"{len(missing)} files of split '{split}' are missing: {', '.join(missing[:3])}{more}")
+
+
+def _check_model(config: dict[str, Any], problems: _Problems) -> None:
+    model = config["model"]
+    name = model.get("name")
+    if not isinstance(name, str):
+        return
+    try:
+        from wsiseg.models.registry import get_spec
+
+        spec = get_spec(name)
+    except WsisegError as error:
+        problems.add(str(error))
+        return
+    multiple = int(getattr(spec, "input_multiple", 1) or 1)
+    sizes = {"model.input_size": model.get("input_size"), "training.crop_size": config["training"].get("crop_size")}
+    for where, size in sizes.items():
+        if isinstance(size, int) and size % multiple:
+            lower = max(multiple, size // multiple * multiple)
+            problems.add(f"{where} {size} is not a multiple of {multiple} (the input multiple of {name}); "
+                         f"use {lower} or {lower + multiple}")
+
+
+def validate_config(raw: Any, base_dir: Path | str = ".", source: str = "config",
+                    splits: tuple[str, ...] = ("train", "val"), check_files: bool = True) -> dict[str, Any]:
+    """Fill defaults and check a config mapping; raises one WsisegError listing every problem."""
+    base_dir = Path(base_dir)
+    problems = _Problems()
+    if not isinstance(raw, dict):
+        raise WsisegError(f"{source} must be a YAML mapping with sections {', '.join(SCHEMA)}")
+    for section in raw:
+        if section not in SCHEMA:
+            problems.add(f"unknown section '{section}'{_suggest(section, tuple(SCHEMA))}")
+    config = {name: _fill_section(name, raw.get(name), problems) for name in SCHEMA}
+    training = config["training"]
+    training["loss"] = _check_loss(training.get("loss"), problems)
+    training["augmentations"] = _check_augmentations(training.get("augmentations"), problems)
+    if training.get("crop_size") is None and isinstance(config["model"].get("input_size"), int):
+        training["crop_size"] = config["model"]["input_size"]
+    json_path = None
+    json_value = config["dataset"].get("json")
+    if isinstance(json_value, str):
+        if json_value == DEMO_DATASET:
+            from wsiseg.train.demo_data import demo_dataset_json
+
+            json_path = demo_dataset_json()
+        else:
+            json_path = _resolve_path(json_value, base_dir)
+        config["dataset"]["json"] = str(json_path)
+    weights = config["model"].get("pfm_weights_path")
+    if isinstance(weights, str):
+        weights_path = _resolve_path(weights, base_dir)
+        config["model"]["pfm_weights_path"] = str(weights_path)
+        if check_files and not weights_path.exists():
+            problems.add(f"model.pfm_weights_path {weights_path} does not exist; download the weights and point "
+                         "to the local file, or set it to null")
+    _check_dataset(config, json_path if check_files else None, splits if check_files else (), problems)
+    _check_model(config, problems)
+    if problems.items:
+        count = len(problems.items)
+        listed = "; ".join(f"({i}) {p}" for i, p in enumerate(problems.items, 1))
+        raise WsisegError(f"{source} has {count} problem{'s' if count > 1 else ''}: {listed}")
+    return config
+
+
+def load_config(path: Path | str, splits: tuple[str, ...] = ("train", "val"), check_files: bool = True,
+                overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Read, complete and check a YAML config file (see the module docstring)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise WsisegError(f"config file {path} does not exist; pass the path of a YAML config (see configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = str(error).replace("\n", " ")
+        raise WsisegError(f"config file {path} is not valid YAML: {reason}") from None
+    raw = raw or {}
+    for section, values in (overrides or {}).items():
+        if isinstance(raw, dict):
+            raw.setdefault(section, {})
+            if isinstance(raw[section], dict):
+                raw[section].update({k: v for k, v in values.items() if v is not None})
+    return validate_config(raw, path.resolve().parent, f"config {path}", splits, check_files)
+
+
+def dump_config(config: dict[str, Any], path: Path | str) -> None:
+    """Write a completed config as YAML (loadable again by `load_config`)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))

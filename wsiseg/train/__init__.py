@@ -1,0 +1,1 @@
+"""Supervised training and patch-level inference in the reference JSON/YAML formats."""
