@@ -1,0 +1,222 @@
+"""Tissue masks: detection on a thumbnail (saturation + Otsu), user masks (PNG, GeoJSON), QC pictures."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from skimage import draw, filters, morphology, segmentation
+
+from wsiseg.errors import WsisegError
+from wsiseg.progress import get_logger
+from wsiseg.slide.reader import Slide, snap
+
+log = get_logger("tissue")
+
+# Tissue is detected at this resolution (coarser for very large slides, so the mask stays small).
+MASK_MPP = 4.0
+MASK_MAX_SIDE = 4096
+
+
+@dataclass
+class TissueMask:
+    """A boolean tissue mask over the slide's bounds, at `mpp` micrometres per mask pixel."""
+
+    mask: np.ndarray
+    mpp: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.mask.shape  # type: ignore[return-value]
+
+    @property
+    def fraction(self) -> float:
+        """Share of the slide area covered by tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def box(self, x: int, y: int, width: int, height: int, mpp: float) -> tuple[int, int, int, int]:
+        """The mask pixels (x0, y0, x1, y1) covering a box of the image at `mpp`."""
+        factor = mpp / self.mpp
+        rows, cols = self.mask.shape
+        x0 = min(max(int(math.floor(x * factor)), 0), cols)
+        y0 = min(max(int(math.floor(y * factor)), 0), rows)
+        x1 = min(max(int(math.ceil((x + width) * factor)), 0), cols)
+        y1 = min(max(int(math.ceil((y + height) * factor)), 0), rows)
+        return x0, y0, x1, y1
+
+    def covers(self, x: int, y: int, width: int, height: int, mpp: float) -> bool:
+        """Whether any tissue lies in the box at (x, y) of size (width, height) in the image at `mpp`."""
+        x0, y0, x1, y1 = self.box(x, y, width, height, mpp)
+        return bool(self.mask[y0:y1, x0:x1].any())
+
+    def resized(self, width: int, height: int) -> np.ndarray:
+        """The mask as a bool array of another size (nearest neighbour)."""
+        image = Image.fromarray(self.mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
+        return np.asarray(image) > 127
+
+
+def detect_tissue(
+    thumbnail_rgb: np.ndarray,
+    threshold: float | None = None,
+    min_saturation: float = 0.05,
+    closing_px: int = 2,
+    opening_px: int = 1,
+    min_area_px: int = 16,
+    fill_holes: bool = True,
+) -> np.ndarray:
+    """Boolean tissue mask of an RGB thumbnail on white background.
+
+    Pixels whose HSV saturation exceeds a threshold (Otsu's, but never below `min_saturation`,
+    so a blank slide stays empty) are tissue; then a closing and an opening (disk radii in
+    pixels), removal of components smaller than `min_area_px`, and filling of holes.
+    """
+    rgb = np.asarray(thumbnail_rgb, dtype=np.float32)
+    high, low = rgb.max(axis=2), rgb.min(axis=2)
+    saturation = np.where(high > 0, (high - low) / np.maximum(high, 1), 0.0)
+    saturation = ndimage.uniform_filter(saturation, size=3)
+    if threshold is None:
+        spread = float(saturation.max() - saturation.min())
+        threshold = filters.threshold_otsu(saturation) if spread > 1e-6 else 1.0
+    mask = saturation > max(float(threshold), min_saturation)
+    if closing_px > 0:
+        mask = morphology.closing(mask, morphology.disk(closing_px))
+    if opening_px > 0:
+        mask = morphology.opening(mask, morphology.disk(opening_px))
+    if min_area_px > 0:
+        mask = morphology.remove_small_objects(mask, max_size=min_area_px - 1) if mask.any() else mask
+    if fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    return np.asarray(mask, dtype=bool)
+
+
+def mask_mpp_for(slide: Slide, mask_mpp: float | None = None) -> float:
+    """The resolution tissue is detected at: MASK_MPP, coarser when the mask would exceed MASK_MAX_SIDE."""
+    bounds = slide.bounds
+    longest = max(bounds.width, bounds.height) * slide.mpp
+    return max(mask_mpp or MASK_MPP, slide.mpp, longest / MASK_MAX_SIDE)
+
+
+def tissue_mask(
+    slide: Slide,
+    mask_mpp: float | None = None,
+    threshold: float | None = None,
+    min_saturation: float = 0.05,
+    closing_um: float = 16.0,
+    opening_um: float = 8.0,
+    min_area_um2: float = 20_000.0,
+    fill_holes: bool = True,
+) -> TissueMask:
+    """Detect tissue on a thumbnail of `slide`; sizes are given in micrometres so they mean the same at any MPP."""
+    mpp = mask_mpp_for(slide, mask_mpp)
+    thumbnail = slide.read_whole(mpp / slide.mpp)
+    mask = detect_tissue(
+        thumbnail,
+        threshold=threshold,
+        min_saturation=min_saturation,
+        closing_px=snap(closing_um / mpp),
+        opening_px=snap(opening_um / mpp),
+        min_area_px=max(1, snap(min_area_um2 / mpp**2)),
+        fill_holes=fill_holes,
+    )
+    return TissueMask(mask, mpp)
+
+
+def _mask_from_png(path: Path, slide: Slide) -> TissueMask:
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("L"))
+    rows, cols = pixels.shape
+    bounds = slide.bounds
+    if abs(cols / rows - bounds.width / bounds.height) > 0.02 * bounds.width / bounds.height:
+        raise WsisegError(
+            f"mask {path.name} is {cols}x{rows} but the slide is {bounds.width}x{bounds.height}: "
+            "a PNG mask must cover the whole slide with the same aspect ratio"
+        )
+    return TissueMask(pixels > 0, slide.mpp * bounds.width / cols)
+
+
+def _rings(geometry: dict) -> list[list[list[list[float]]]]:
+    """Polygons (each a list of rings: exterior first, then holes) of a GeoJSON geometry."""
+    kind = geometry.get("type")
+    if kind == "Polygon":
+        return [geometry["coordinates"]]
+    if kind == "MultiPolygon":
+        return list(geometry["coordinates"])
+    if kind == "GeometryCollection":
+        return [polygon for part in geometry.get("geometries", []) for polygon in _rings(part)]
+    return []
+
+
+def _mask_from_geojson(path: Path, slide: Slide, mask_mpp: float | None) -> TissueMask:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise WsisegError(f"mask {path.name} is not valid GeoJSON ({error}); fix or re-export it") from None
+    features = data.get("features", [data]) if isinstance(data, dict) else data
+    geometries = [f.get("geometry", f) for f in features if isinstance(f, dict)]
+    polygons = [polygon for geometry in geometries if geometry for polygon in _rings(geometry)]
+    if not polygons:
+        raise WsisegError(f"mask {path.name} holds no Polygon or MultiPolygon: draw the tissue regions as polygons")
+    mpp = mask_mpp_for(slide, mask_mpp)
+    bounds = slide.bounds
+    scale = mpp / slide.mpp  # level-0 pixels per mask pixel
+    shape = (max(1, snap(bounds.height / scale)), max(1, snap(bounds.width / scale)))
+    mask = np.zeros(shape, bool)
+    for polygon in polygons:
+        for index, ring in enumerate(polygon):
+            points = np.asarray(ring, dtype=float)[:, :2]
+            cols = (points[:, 0] - bounds.x) / scale
+            rows = (points[:, 1] - bounds.y) / scale
+            rr, cc = draw.polygon(rows, cols, shape=shape)
+            mask[rr, cc] = index == 0
+    return TissueMask(mask, mpp)
+
+
+def load_mask(path: str | Path, slide: Slide, mask_mpp: float | None = None) -> TissueMask:
+    """A user-supplied tissue mask: a PNG over the whole slide (non-zero = tissue) or GeoJSON polygons
+    in level-0 pixel coordinates of the slide file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WsisegError(f"no such mask file: {path}; check the --tissue-mask path")
+    if path.suffix.lower() in (".geojson", ".json"):
+        return _mask_from_geojson(path, slide, mask_mpp)
+    try:
+        return _mask_from_png(path, slide)
+    except OSError as error:
+        raise WsisegError(f"mask {path.name} is not a readable image ({error}); pass a PNG or GeoJSON mask") from None
+
+
+def qc_picture(
+    thumbnail: np.ndarray,
+    tissue: TissueMask,
+    tiles: list[tuple[int, int]] = (),  # type: ignore[assignment]
+    tile: int = 0,
+    image_width: int = 0,
+) -> np.ndarray:
+    """The thumbnail with the tissue outline (green) and the tissue tiles (blue boxes)."""
+    out = np.array(thumbnail, copy=True)
+    rows, cols = out.shape[:2]
+    outline = segmentation.find_boundaries(tissue.resized(cols, rows), mode="inner")
+    outline = morphology.dilation(outline, morphology.disk(1))
+    out[outline] = (0, 200, 0)
+    if tiles and image_width:
+        factor = cols / image_width
+        for x, y in tiles:
+            x0, y0 = int(x * factor), int(y * factor)
+            x1, y1 = min(int((x + tile) * factor), cols - 1), min(int((y + tile) * factor), rows - 1)
+            if x1 > x0 and y1 > y0:
+                out[[y0, y1], x0 : x1 + 1] = (30, 60, 220)
+                out[y0 : y1 + 1, [x0, x1]] = (30, 60, 220)
+    return out
+
+
+def save_png(path: Path, pixels: np.ndarray) -> None:
+    """Write an image as PNG through a temporary name, so a half-written file never shows."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(pixels).save(temporary, format="PNG")
+    temporary.replace(path)

@@ -1,0 +1,1 @@
+"""Zarr stores: tile stores of slides (and, from the engine, mask stores)."""

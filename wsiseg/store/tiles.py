@@ -1,0 +1,210 @@
+"""The tile store: a zarr 3 / OME-Zarr 0.5 image of a slide at one MPP, holding only its tissue tiles.
+
+Layout of `NAME.zarr`:
+  zarr.json   attributes `ome` (OME-Zarr 0.5 multiscales, axes c, y, x, scale = MPP in micrometre)
+              and `wsiseg` (mpp, size, tile grid, origin, source slide, tissue, `complete`)
+  0/          uint8 (3, height, width), one chunk per tile, no shards, fill value 255 (white):
+              chunks of background tiles are never written
+  tissue/     uint8 (rows, cols) tissue mask over the slide, at `wsiseg.tissue.mpp`
+  qc.png      thumbnail with the tissue outline and the tissue tiles
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from wsiseg.errors import WsisegError
+from wsiseg.slide.grid import Grid
+from wsiseg.slide.tissue import TissueMask
+
+FORMAT_VERSION = 1
+IMAGE = "0"
+TISSUE = "tissue"
+QC_PICTURE = "qc.png"
+
+
+def ome_attributes(name: str, mpp: float, origin_um: tuple[float, float]) -> dict[str, Any]:
+    """OME-Zarr 0.5 `ome` attribute of a single-level (c, y, x) image at `mpp`."""
+    return {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": name,
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space", "unit": "micrometer"},
+                    {"name": "x", "type": "space", "unit": "micrometer"},
+                ],
+                "datasets": [
+                    {
+                        "path": IMAGE,
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": [1.0, mpp, mpp]},
+                            {"type": "translation", "translation": [0.0, origin_um[1], origin_um[0]]},
+                        ],
+                    }
+                ],
+            }
+        ],
+        "omero": {
+            "channels": [
+                {"label": label, "color": color, "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
+                for label, color in (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
+            ],
+            "rdefs": {"model": "color"},
+        },
+    }
+
+
+def create_store(path: Path, settings: dict[str, Any], tissue: TissueMask) -> TileStore:
+    """Create an empty, incomplete tile store at `path` (whose parent must exist)."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    width, height, tile = settings["width"], settings["height"], settings["tile"]
+    group.create_array(
+        IMAGE,
+        shape=(3, height, width),
+        chunks=(3, tile, tile),
+        dtype="uint8",
+        fill_value=255,
+        compressors=None,
+        dimension_names=("c", "y", "x"),
+        config={"write_empty_chunks": True},
+    )
+    mask = group.create_array(
+        TISSUE, shape=tissue.mask.shape, chunks=tissue.mask.shape, dtype="uint8", fill_value=0,
+        dimension_names=("y", "x"),
+    )
+    mask[...] = tissue.mask.astype(np.uint8)
+    origin_um = tuple(v * settings["slide_mpp"] for v in settings["origin"])
+    attributes = {
+        "ome": ome_attributes(Path(settings["source"]).name, settings["mpp"], origin_um),  # type: ignore[arg-type]
+        "wsiseg": {**settings, "kind": "tiles", "format_version": FORMAT_VERSION, "complete": False},
+    }
+    group.attrs.update(attributes)
+    return TileStore(path)
+
+
+class TileStore:
+    """Read access to a tile store: metadata, tissue mask and pixels (white where nothing is stored).
+
+    It reads like a Slide at its one MPP (`read(x, y, w, h, mpp)`), so later steps can run from the
+    store alone. Pickles by path.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+            self.attrs: dict[str, Any] = dict(group.attrs["wsiseg"])  # type: ignore[arg-type]
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.NodeNotFoundError) as error:
+            raise WsisegError(f"{self.path} is not a wsiseg tile store ({error}); create one with `wsiseg tile`") from None
+        if self.attrs.get("kind") != "tiles":
+            raise WsisegError(f"{self.path} is not a wsiseg tile store; create one with `wsiseg tile`")
+        self._array: zarr.Array | None = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> TileStore:
+        """Open an existing store (complete or not: see `is_complete`)."""
+        return cls(path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "attrs": self.attrs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self.attrs, self._array = state["path"], state["attrs"], None
+
+    def __repr__(self) -> str:
+        return f"TileStore({str(self.path)!r}, {self.width}x{self.height} at {self.mpp} MPP)"
+
+    @property
+    def array(self) -> zarr.Array:
+        """The (3, height, width) uint8 image array."""
+        if self._array is None:
+            self._array = zarr.open_array(str(self.path / IMAGE), mode="r")
+        return self._array
+
+    # --- metadata --------------------------------------------------------------------------
+    mpp = property(lambda self: float(self.attrs["mpp"]), doc="MPP of the stored image.")
+    width = property(lambda self: int(self.attrs["width"]))
+    height = property(lambda self: int(self.attrs["height"]))
+    tile = property(lambda self: int(self.attrs["tile"]))
+    source = property(lambda self: Path(self.attrs["source"]), doc="The slide the store was made from.")
+    slide_mpp = property(lambda self: float(self.attrs["slide_mpp"]), doc="Base MPP of the source slide.")
+    origin = property(lambda self: tuple(self.attrs["origin"]), doc="Bounds origin (x, y) in level-0 pixels.")
+    is_complete = property(lambda self: bool(self.attrs.get("complete")))
+    qc_picture = property(lambda self: self.path / QC_PICTURE)
+
+    @property
+    def tissue(self) -> TissueMask:
+        array = zarr.open_array(str(self.path / TISSUE), mode="r")
+        return TissueMask(np.asarray(array[...]) > 0, float(self.attrs["tissue"]["mpp"]))
+
+    @property
+    def grid(self) -> Grid:
+        """The chunk grid: one tile per chunk, partial tiles at the right and bottom edges."""
+        return Grid(self.width, self.height, self.tile, self.tile, clamp=False)
+
+    def size_at(self, mpp: float) -> tuple[int, int]:
+        """(width, height): the store exists at its own MPP only."""
+        self._check_mpp(mpp)
+        return self.width, self.height
+
+    def _check_mpp(self, mpp: float | None) -> None:
+        if mpp is not None and not math.isclose(mpp, self.mpp, rel_tol=1e-6):
+            raise WsisegError(
+                f"tile store {self.path.name} holds the slide at {self.mpp:g} MPP, not {mpp:g}: "
+                f"run at --mpp {self.mpp:g} or tile the slide again at {mpp:g}"
+            )
+
+    # --- pixels ----------------------------------------------------------------------------
+    def read(self, x: int, y: int, width: int, height: int, mpp: float | None = None) -> np.ndarray:
+        """RGB uint8 (height, width, 3) of a box of the stored image; white outside it and where not stored."""
+        self._check_mpp(mpp)
+        out = np.full((height, width, 3), 255, np.uint8)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, self.width), min(y + height, self.height)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = np.asarray(self.array[:, y0:y1, x0:x1]).transpose(1, 2, 0)
+        return out
+
+    def as_slide(self) -> TileStore:
+        """The store itself: it offers Slide's `read(x, y, w, h, mpp)`, `mpp` and `size_at`."""
+        return self
+
+    # --- chunks ----------------------------------------------------------------------------
+    def chunk_file(self, x: int, y: int) -> Path:
+        """Where the tile at pixel (x, y) (a chunk corner) is stored."""
+        key = self.array.metadata.encode_chunk_key((0, y // self.tile, x // self.tile))
+        return self.path / IMAGE / key
+
+    def stored_tiles(self, positions: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The positions whose chunk exists and decodes (a chunk cut short by a crash is removed)."""
+        stored = []
+        for x, y in positions:
+            chunk = self.chunk_file(x, y)
+            if not chunk.is_file():
+                continue
+            try:
+                self.array[:, y : y + self.tile, x : x + self.tile]
+            except Exception:  # noqa: BLE001 - any decoding failure means the chunk must be written again
+                chunk.unlink()
+                continue
+            stored.append((x, y))
+        return stored
+
+    def tissue_tiles(self) -> list[tuple[int, int]]:
+        """Positions of the tiles holding tissue: the ones a complete store has written."""
+        return self.grid.tissue_positions(self.tissue, self.mpp)
+
+
+def mark_complete(path: Path) -> None:
+    """Write the completion marker: the last write of a tiling run."""
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    attributes = dict(group.attrs["wsiseg"])  # type: ignore[arg-type]
+    attributes["complete"] = True
+    group.attrs["wsiseg"] = attributes
