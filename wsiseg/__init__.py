@@ -16,6 +16,10 @@ __version__ = "0.1.0"
 # public name -> "module:attribute"
 _API: dict[str, str] = {
     "fetch_samples": "wsiseg.samples:fetch_samples",
+    "open_slide": "wsiseg.slide.reader:open_slide",
+    "tile_slide": "wsiseg.store.tiling:tile_slide",
+    "tile_slides": "wsiseg.store.tiling:tile_slides",
+    "TileStore": "wsiseg.store.tiles:TileStore",
 }
 
 __all__ = ["WsisegError", *_API]
