@@ -16,6 +16,10 @@ __version__ = "0.1.0"
 # public name -> "module:attribute"
 _API: dict[str, str] = {
     "fetch_samples": "wsiseg.samples:fetch_samples",
+    "fseg_slide": "wsiseg.fseg.api:fseg_slide",
+    "fit_concepts": "wsiseg.fseg.api:fit_concepts",
+    "load_segmenter": "wsiseg.models.checkpoint:load_segmenter",
+    "build_segmenter": "wsiseg.models.segmenter:build_segmenter",
     "open_slide": "wsiseg.slide.reader:open_slide",
     "tile_slide": "wsiseg.store.tiling:tile_slide",
     "tile_slides": "wsiseg.store.tiling:tile_slides",

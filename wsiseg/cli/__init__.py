@@ -15,7 +15,11 @@ from wsiseg.errors import WsisegError
 
 # command name -> (module in wsiseg.cli, attribute, one-line help shown by `wsiseg --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "models": ("models", "models_command", "List the backbone registry (embed dim, patch, normalisation, size)."),
+    "merge": ("models", "merge_command", "Export a LoRA/DoRA checkpoint as a plain merged model."),
     "samples": ("samples", "samples_command", "Fetch the real sample slides, images and weights into the cache."),
+    "fseg": ("fseg", "fseg_command", "Unsupervised segmentation: project token features onto a concept bank (F-Seg)."),
+    "fseg-fit": ("fseg", "fseg_fit_command", "Fit F-Seg concept banks (k-means of token features, several k at once)."),
     "info": ("slides", "info_command", "Show a slide's format, levels, MPP and associated images."),
     "tile": ("slides", "tile_command", "Tissue-mask slides and tile them into zarr stores."),
 }
