@@ -128,7 +128,7 @@ class OpenSlideBackend(Backend):
         except openslide.OpenSlideError as error:
             raise WsisegError(
                 f"{self.name} is corrupt: reading {w}x{h} at {location} (level {level}) failed ({error}); "
-                "re-export or re-scan the slide, or pass --skip-errors to go on with the others"
+                "check the file or re-export it"
             ) from None
         return on_white(np.asarray(region))
 
@@ -243,8 +243,7 @@ class ImageBackend(Backend):
 def _corrupt(path: Path, error: BaseException) -> WsisegError:
     detail = re.sub(r"\s+", " ", str(error)).strip() or type(error).__name__
     return WsisegError(
-        f"{path.name} is corrupt or unreadable ({detail}); check the file, re-export it, "
-        "or pass --skip-errors to go on with the other slides"
+        f"{path.name} is corrupt or unreadable ({detail}); check the file or re-export it"
     )
 
 

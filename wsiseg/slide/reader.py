@@ -17,6 +17,9 @@ log = get_logger("slide")
 
 # Reading finer than the slide's own resolution upsamples; beyond this factor we refuse (likely a wrong MPP).
 MAX_UPSAMPLE = 4.0
+# A level counts as fine enough when its downsample exceeds the wanted one by less than this (pyramid
+# levels of odd-sized images have downsamples like 2.0003 for a nominal 2).
+LEVEL_TOLERANCE = 0.01
 # Largest source region (in level pixels, per side) read at once when building a thumbnail.
 THUMBNAIL_BLOCK = 4096
 
@@ -144,9 +147,9 @@ class Slide:
         return snap(self.bounds.width / scale), snap(self.bounds.height / scale)
 
     def best_level(self, scale: float) -> int:
-        """The coarsest level that is still at least as fine as `scale` level-0 pixels per output pixel."""
+        """The coarsest level that is (within LEVEL_TOLERANCE) at least as fine as `scale` level-0 px per pixel."""
         downsamples = self.backend.level_downsamples
-        usable = [level for level, d in enumerate(downsamples) if d <= scale * (1 + 1e-6)]
+        usable = [level for level, d in enumerate(downsamples) if d <= scale * (1 + LEVEL_TOLERANCE)]
         return max(usable, key=lambda level: downsamples[level], default=0)
 
     # --- reading ---------------------------------------------------------------------------

@@ -1,0 +1,201 @@
+"""Slide reading on the real sample slides: metadata, geometry at any MPP, formats, bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+from PIL import Image
+
+from tests.conftest import assert_user_error, run_cli
+from wsiseg.errors import WsisegError
+from wsiseg.slide import Bounds, open_slide
+from wsiseg.slide.backends import ImageBackend
+
+CMU_SIZES = {0.25: (4431, 5922), 0.5: (2216, 2961), 1.0: (1108, 1481), 2.0: (554, 740)}
+
+
+def openslide_on_white(path, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """OpenSlide's own read_region at level 0, composited on white with Pillow."""
+    with openslide.OpenSlide(str(path)) as slide:
+        region = slide.read_region((x, y), 0, (w, h))
+    white = Image.new("RGBA", region.size, (255, 255, 255, 255))
+    white.alpha_composite(region)
+    return np.asarray(white.convert("RGB"))
+
+
+def test_cmu_metadata(samples):
+    with open_slide(samples["cmu_svs"]) as slide:
+        assert slide.level_dimensions == [(2220, 2967)]
+        assert slide.mpp == pytest.approx(0.499)
+        assert slide.objective_power == 20
+        assert slide.vendor == "aperio"
+        assert slide.format == "openslide:aperio"
+        assert slide.bounds == Bounds(0, 0, 2220, 2967)
+        assert set(slide.associated_images) == {"label", "macro", "thumbnail"}
+
+
+def test_info_command_reports_size_and_mpp(samples):
+    result = run_cli("info", samples["cmu_svs"], "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert (info["levels"][0]["width"], info["levels"][0]["height"]) == (2220, 2967)
+    assert info["mpp"] == pytest.approx(0.499)
+    assert info["objective_power"] == 20
+    text = run_cli("info", samples["cmu_svs"]).stdout
+    assert "2220x2967" in text and "0.499" in text
+
+
+def test_base_read_equals_openslide_and_is_white_outside(samples):
+    with open_slide(samples["cmu_svs"]) as slide:
+        inside = slide.read(700, 900, 300, 200, 0.499)
+        assert np.array_equal(inside, openslide_on_white(samples["cmu_svs"], 700, 900, 300, 200))
+        edge = slide.read(2100, 2900, 200, 100, 0.499)
+    assert np.array_equal(edge[:67, :120], openslide_on_white(samples["cmu_svs"], 2100, 2900, 120, 67))
+    assert (edge[67:] == 255).all() and (edge[:, 120:] == 255).all()
+
+
+@pytest.mark.parametrize("mpp", sorted(CMU_SIZES))
+def test_size_at_mpp_is_round_of_scaled_size(samples, mpp):
+    with open_slide(samples["cmu_svs"]) as slide:
+        assert slide.size_at(mpp) == CMU_SIZES[mpp]
+        width, height = CMU_SIZES[mpp]
+        corner = slide.read(width - 10, height - 10, 10, 10, mpp)
+        assert corner.shape == (10, 10, 3) and corner.dtype == np.uint8
+
+
+def test_downsampled_read_matches_pyramid_level(samples):
+    """Area-downsampling level 0 and reading the pyramid's own reduced level agree."""
+    with open_slide(samples["cmu_svs"]) as svs, open_slide(samples["cmu_pyramid_tiff"]) as pyramid:
+        from_base = svs.read(200, 300, 256, 256, 0.998).astype(int)
+        from_level = pyramid.read(200, 300, 256, 256, 0.998).astype(int)
+        assert pyramid.best_level(0.998 / 0.499) == 1
+    assert np.abs(from_base - from_level).mean() < 4
+    assert from_base.std() > 20  # real tissue, not white
+
+
+def test_derived_pyramid_opens_with_all_levels_and_mpp(samples):
+    with open_slide(samples["cmu_pyramid_tiff"]) as slide:
+        assert slide.format == "openslide:generic-tiff"
+        assert slide.mpp == pytest.approx(0.499, abs=1e-4)
+        assert slide.level_dimensions[0] == (2220, 2967)
+        assert len(slide.level_dimensions) >= 4
+        assert slide.level_downsamples[-1] >= 8
+
+
+def test_other_openslide_formats(samples):
+    with open_slide(samples["boxes_tiff"]) as boxes:
+        assert boxes.level_dimensions == [(300, 250), (150, 125), (75, 62), (37, 31)]
+    with open_slide(samples["boxes_dcm"]) as dicom:  # a DICOM WSI folder
+        assert dicom.format == "openslide:dicom" and dicom.mpp == pytest.approx(0.499)
+        assert dicom.read(0, 0, 16, 16, 0.499).shape == (16, 16, 3)
+    with open_slide(samples["small_svs"]) as small:
+        assert small.level_dimensions == [(16, 16)]
+
+
+def test_ome_tiff_through_tifffile(samples, tmp_path):
+    with open_slide(samples["cmu_svs"]) as svs:
+        image = svs.read(0, 0, 600, 500, 0.499)
+    path = tmp_path / "region.ome.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, subifds=1, tile=(128, 128), compression="zlib",
+                  metadata={"axes": "YXS", "PhysicalSizeX": 0.499, "PhysicalSizeY": 0.499})
+        tif.write(image[::2, ::2], subfiletype=1, tile=(128, 128), compression="zlib")
+    with open_slide(path) as slide:
+        assert slide.format == "tifffile:ome-tiff"
+        assert slide.level_dimensions == [(600, 500), (300, 250)]
+        assert slide.mpp == pytest.approx(0.499)
+        assert np.array_equal(slide.read(10, 20, 300, 200, 0.499), image[20:220, 10:310])
+        assert slide.read(0, 0, 300, 250, 0.998).shape == (250, 300, 3)
+
+
+def test_striped_tiff_openslide_rejects(tmp_path, samples):
+    with open_slide(samples["hgsc_image"], slide_mpp=0.5) as jpg:
+        image = jpg.read(0, 0, 300, 200, 0.5)
+    path = tmp_path / "striped.tif"
+    tifffile.imwrite(path, image, photometric="rgb", resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    assert openslide.OpenSlide.detect_format(str(path)) is None
+    with open_slide(path) as slide:
+        assert slide.format == "tifffile:tiff"
+        assert slide.mpp == pytest.approx(0.25)
+        assert np.array_equal(slide.read(0, 0, 300, 200, 0.25), image)
+
+
+def test_plain_image_needs_mpp_and_composites_alpha(tmp_path, samples):
+    with open_slide(samples["hgsc_image"]) as jpg:
+        assert jpg.level_dimensions == [(1500, 1500)]
+        with pytest.raises(WsisegError, match="--slide-mpp"):
+            jpg.size_at(0.5)
+    rgba = np.zeros((40, 50, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:20, :, 3] = 255  # top half opaque red, bottom half transparent
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    with open_slide(tmp_path / "alpha.png", slide_mpp=0.5) as png:
+        pixels = png.read(0, 0, 50, 40, 0.5)
+    assert (pixels[:20] == (200, 0, 0)).all() and (pixels[20:] == 255).all()
+
+
+def test_bounds_offset_is_the_origin(samples):
+    """Coordinates start at the bounds origin and the size is the bounds size (MRXS-style slides)."""
+
+    class OffsetImage(ImageBackend):
+        bounds = Bounds(100, 50, 1200, 1000)
+
+    with open_slide(samples["hgsc_image"], slide_mpp=0.5) as plain:
+        expected = plain.read(100, 50, 64, 64, 0.5)
+        slide = open_slide(samples["hgsc_image"], slide_mpp=0.5)
+        slide._backend = OffsetImage(samples["hgsc_image"])
+        assert slide.size_at(1.0) == (600, 500)
+        assert np.array_equal(slide.read(0, 0, 64, 64, 0.5), expected)
+
+
+def test_upsampling_and_its_limit(samples):
+    with open_slide(samples["cmu_svs"]) as slide:
+        up = slide.read(1000, 1000, 64, 64, 0.25).astype(int)
+        base = slide.read(500, 500, 32, 32, 0.499).astype(int)
+        assert np.abs(up[::2, ::2] - base).mean() < 20
+        with pytest.raises(WsisegError, match="finer"):
+            slide.size_at(0.1)
+
+
+def test_slide_pickles_by_path_and_reopens(samples):
+    slide = open_slide(samples["cmu_svs"])
+    before = slide.read(500, 500, 32, 32, 1.0)
+    clone = pickle.loads(pickle.dumps(slide))
+    assert clone._backend is None
+    assert np.array_equal(clone.read(500, 500, 32, 32, 1.0), before)
+    slide.close()
+
+
+def test_thumbnail_keeps_aspect(samples):
+    with open_slide(samples["cmu_svs"]) as slide:
+        thumbnail = slide.thumbnail(300)
+    assert thumbnail.shape == (300, 224, 3)
+
+
+@pytest.mark.parametrize(
+    ("key", "words"),
+    [
+        (None, ("no such",)),
+        ("boxes_dcm_parent", ("folder",)),
+        ("efficientnet_lite0_pth", ("not a slide",)),
+        ("unreadable_svs", ("corrupt",)),
+        ("unopenable_tiff", ("corrupt",)),
+    ],
+)
+def test_bad_slides_raise_user_errors(samples, tmp_path, key, words):
+    path = {None: tmp_path / "missing.svs", "boxes_dcm_parent": tmp_path}.get(key) or samples[key]
+    with pytest.raises(WsisegError) as error:
+        open_slide(path)
+    for word in words:
+        assert word in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_info_command_bad_input_is_one_line(samples, tmp_path):
+    assert_user_error(run_cli("info", samples["unreadable_svs"]), "corrupt")
+    assert_user_error(run_cli("info", tmp_path), "folder")

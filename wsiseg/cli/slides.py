@@ -1,0 +1,86 @@
+"""`wsiseg info` and `wsiseg tile`: describe slides, and tile their tissue into zarr stores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from wsiseg.errors import WsisegError
+
+
+@click.command("info")
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option("--slide-mpp", type=float, default=None, help="The slide's own MPP, where its metadata lacks it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def info_command(slide: Path, slide_mpp: float | None, as_json: bool) -> None:
+    """Show a slide's format, levels and sizes, MPP, objective power and associated images."""
+    from wsiseg.slide import open_slide
+
+    with open_slide(slide, slide_mpp) as opened:
+        info = opened.info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    mpp = f"{info['mpp']:g} ({info['mpp_source']})" if info["mpp"] else "unknown (pass --slide-mpp)"
+    bounds = info["bounds"]
+    lines = [
+        f"path              {info['path']}",
+        f"format            {info['format']}",
+        f"vendor            {info['vendor'] or '-'}",
+        f"size              {info['levels'][0]['width']}x{info['levels'][0]['height']}",
+        f"mpp               {mpp}",
+        f"objective power   {info['objective_power'] or '-'}",
+        f"bounds            x={bounds['x']} y={bounds['y']} {bounds['width']}x{bounds['height']}",
+        f"associated images {', '.join(info['associated_images']) or '-'}",
+        "levels",
+    ]
+    lines += [f"  {l['level']}: {l['width']}x{l['height']} (downsample {l['downsample']:g})" for l in info["levels"]]
+    click.echo("\n".join(lines))
+
+
+@click.command("tile")
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--mpp", type=float, required=True, help="Target resolution of the tiles, micrometres per pixel.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True,
+    help="Folder receiving <slide name>.zarr per slide, or the store itself when it ends in .zarr (one slide).",
+)
+@click.option("--slide-mpp", type=float, default=None, help="The slides' own MPP, where their metadata lacks it.")
+@click.option("--tile", type=int, default=512, show_default=True, help="Tile (and chunk) size in pixels.")
+@click.option("--workers", type=int, default=None, help="Local dask worker processes [default: min(4, CPUs)]; 0 = no dask.")
+@click.option("--scheduler", default=None, help="Address of an existing dask.distributed scheduler to use instead.")
+@click.option("--tissue-mask", type=click.Path(path_type=Path), default=None,
+              help="Use this mask (PNG over the slide, or GeoJSON polygons in level-0 pixels) instead of detection.")
+@click.option("--skip-errors", is_flag=True, help="Go on past slides that fail, and report them at the end.")
+@click.option("--overwrite", is_flag=True, help="Replace existing stores.")
+def tile_command(
+    slides: tuple[Path, ...],
+    mpp: float,
+    out: Path,
+    slide_mpp: float | None,
+    tile: int,
+    workers: int | None,
+    scheduler: str | None,
+    tissue_mask: Path | None,
+    skip_errors: bool,
+    overwrite: bool,
+) -> None:
+    """Detect tissue on SLIDES and write their tissue tiles at --mpp into zarr stores (resumable)."""
+    from wsiseg.progress import setup_console_logging
+    from wsiseg.store.tiling import summary_rows, tile_slides
+
+    setup_console_logging()
+    results = tile_slides(
+        slides, out, mpp, slide_mpp=slide_mpp, tile=tile, workers=workers, scheduler=scheduler,
+        overwrite=overwrite, skip_errors=skip_errors, tissue_mask_path=tissue_mask,
+    )
+    header = ("slide", "status", "size", "tiles", "seconds", "store / error")
+    rows = [header, *summary_rows(results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    failed = sum(r.status == "failed" for r in results)
+    if failed:
+        raise WsisegError(f"{failed} of {len(results)} slides failed (see the table above); fix them and rerun")
