@@ -1,0 +1,94 @@
+"""`wsiseg fseg` and `wsiseg fseg-fit`: unsupervised segmentation by concept projection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+MODES = ("project", "nearest", "nmf")
+
+
+def split_k_values(slides: tuple[Path, ...], ks: tuple[str, ...]) -> tuple[list[Path], list[int]]:
+    """Separate `--k 8 16 32` (click hands the values after the first to the slide arguments) from slides.
+
+    A bare integer argument that is not an existing file is a k value; `--k 8,16` works too.
+    """
+    values = [part for value in ks for part in value.split(",") if part.strip()]
+    paths = []
+    for slide in slides:
+        if ks and str(slide).isdigit() and not slide.exists():
+            values.append(str(slide))
+        else:
+            paths.append(slide)
+    try:
+        return paths, [int(v) for v in values]
+    except ValueError:
+        raise click.BadParameter(f"k values must be integers, got {' '.join(values)}", param_hint="--k") from None
+
+
+@click.command("fseg")
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (one sub-folder per slide when several).")
+@click.option("--k", "k", type=int, default=8, show_default=True, help="Number of concepts.")
+@click.option("--model", default=None, help="Backbone (default: the bank's, else efficientnet_lite0_imagenet).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone weights file or folder.")
+@click.option("--bank", type=click.Path(path_type=Path), default=None,
+              help="Concept bank (wsiseg fseg-fit output or F-Seg joblib); without it k concepts are fitted on the slides.")
+@click.option("--mode", type=click.Choice(MODES), default="project", show_default=True,
+              help="project: NNLS weights; nearest: cosine similarity; nmf: per-window factorisation matched to the bank.")
+@click.option("--scale-before-argmax", is_flag=True, help="Divide each concept's weight map by its maximum in the window.")
+@click.option("--layer", type=int, default=None, help="Block (ViT) or stage (CNN) index; default the bank's, else the last.")
+@click.option("--mpp", type=float, default=None, help="Segmentation resolution in µm/px (default the bank's, else 0.5).")
+@click.option("--slide-mpp", type=float, default=None, help="Override the slide's base µm/px (needed for plain images).")
+@click.option("--window", type=int, default=None, help="Window side in pixels (default the bank's, else 512).")
+@click.option("--overlap", type=float, default=0.25, show_default=True, help="Window overlap fraction.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+def fseg_command(slides: tuple[Path, ...], out: Path, k: int, model: str | None, weights: Path | None,
+                 bank: Path | None, mode: str, scale_before_argmax: bool, layer: int | None, mpp: float | None,
+                 slide_mpp: float | None, window: int | None, overlap: float, batch_size: int, device: str,
+                 overwrite: bool) -> None:
+    """Segment slides into k concepts by projecting token features onto a concept bank."""
+    from wsiseg.fseg.api import fseg_slide
+    from wsiseg.progress import setup_console_logging
+
+    setup_console_logging()
+    summaries = fseg_slide(list(slides), out, k=k, model=model, weights=weights, bank=bank, mode=mode,
+                           scale_before_argmax=scale_before_argmax, layer=layer, mpp=mpp, slide_mpp=slide_mpp,
+                           window=window, overlap=overlap, batch_size=batch_size, device=device, overwrite=overwrite)
+    for slide, summary in zip(slides, summaries):
+        click.echo(f"{slide}: {summary.get('output', out)}")
+
+
+@click.command("fseg-fit")
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bank file to write (.safetensors).")
+@click.option("--k", "ks", multiple=True, help="k values: --k 8 16 32 64 (or --k 8,16); default 8 16 32 64.")
+@click.option("--model", default="efficientnet_lite0_imagenet", show_default=True, help="Backbone.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone weights file or folder.")
+@click.option("--layer", type=int, default=-1, show_default=True, help="Block (ViT) or stage (CNN) index.")
+@click.option("--mpp", type=float, default=0.5, show_default=True, help="Resolution in µm/px.")
+@click.option("--slide-mpp", type=float, default=None, help="Override the slides' base µm/px.")
+@click.option("--window", type=int, default=512, show_default=True, help="Window side in pixels.")
+@click.option("--max-windows", type=int, default=64, show_default=True, help="Tissue windows sampled (all slides).")
+@click.option("--max-tokens", type=int, default=50_000, show_default=True, help="Token features kept for k-means.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing bank.")
+def fseg_fit_command(slides: tuple[Path, ...], out: Path, ks: tuple[str, ...], model: str, weights: Path | None,
+                     layer: int, mpp: float, slide_mpp: float | None, window: int, max_windows: int,
+                     max_tokens: int, device: str, seed: int, overwrite: bool) -> None:
+    """Fit concept banks (k-means of token features, several k in one pass) on the tissue of slides."""
+    from wsiseg.fseg.api import DEFAULT_KS, fit_concepts
+    from wsiseg.progress import setup_console_logging
+
+    setup_console_logging()
+    paths, k_values = split_k_values(slides, ks)
+    if not paths:
+        raise click.UsageError("give at least one slide")
+    bank = fit_concepts(paths, out, ks=k_values or list(DEFAULT_KS), model=model, weights=weights, layer=layer,
+                        mpp=mpp, slide_mpp=slide_mpp, window=window, max_windows=max_windows, max_tokens=max_tokens,
+                        device=device, seed=seed, overwrite=overwrite)
+    click.echo(f"{out}: k = {', '.join(map(str, bank.ks))}, {bank.feature_dim} features, model {bank.model}, layer {bank.layer}")
