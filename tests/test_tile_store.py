@@ -1,0 +1,174 @@
+"""Tiling real slides into zarr tile stores: exact pixels, shapes at each MPP, resume, dask workers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from tests.test_slide_reader import CMU_SIZES, openslide_on_white
+from wsiseg.errors import WsisegError
+from wsiseg.outputs import partial_path
+from wsiseg.slide import open_slide
+from wsiseg.store.tiles import TileStore
+from wsiseg.store.tiling import tile_slide, tile_slides
+
+
+def small_mask(tmp_path, x0=800, y0=1200, size=600):
+    """GeoJSON square of tissue (level-0 pixels), to keep fine-MPP runs small."""
+    ring = [[x0, y0], [x0 + size, y0], [x0 + size, y0 + size], [x0, y0 + size], [x0, y0]]
+    path = tmp_path / "square.geojson"
+    path.write_text(json.dumps({"type": "Polygon", "coordinates": [ring]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_store(samples, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiles") / "cmu.zarr"
+    return tile_slide(samples["cmu_svs"], out, 0.499, workers=0, progress=False)
+
+
+def test_tissue_pixels_at_base_mpp_equal_openslide(base_store, samples):
+    store = base_store
+    assert store.is_complete and (store.width, store.height) == (2220, 2967)
+    positions = store.tissue_tiles()
+    assert 10 < len(positions) < 30  # CMU is about half background
+    for x, y in positions:
+        w, h = min(512, store.width - x), min(512, store.height - y)
+        assert np.array_equal(store.read(x, y, w, h), openslide_on_white(samples["cmu_svs"], x, y, w, h)), (x, y)
+    background = sorted(set(store.grid.positions()) - set(positions))
+    assert background, "CMU has background tiles"
+    for x, y in background:
+        assert not store.chunk_file(x, y).exists()
+        assert (store.read(x, y, 64, 64) == 255).all()
+
+
+def test_store_is_self_describing(base_store, samples):
+    store = base_store
+    group = zarr.open_group(str(store.path), mode="r")
+    ome = group.attrs["ome"]
+    assert ome["version"] == "0.5"
+    multiscale = ome["multiscales"][0]
+    assert [a["name"] for a in multiscale["axes"]] == ["c", "y", "x"]
+    assert multiscale["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 0.499, 0.499]
+    array = group["0"]
+    assert array.shape == (3, 2967, 2220) and array.chunks == (3, 512, 512) and array.fill_value == 255
+    assert array.shards is None
+    assert store.source == samples["cmu_svs"].resolve()
+    assert store.origin == (0, 0) and store.slide_mpp == pytest.approx(0.499)
+    assert store.tissue.shape == (370, 277) and 0.25 < store.tissue.fraction < 0.5
+    assert store.attrs["grid"] == {"tile": 512, "rows": 6, "columns": 5, "tissue_tiles": len(store.tissue_tiles())}
+    assert Image.open(store.qc_picture).size[0] > 500
+    assert (store.path / "tile.log").read_text().count("tissue tiles") == 1
+
+
+def test_store_reads_like_a_slide(base_store):
+    store = pickle.loads(pickle.dumps(base_store.as_slide()))
+    assert store.size_at(0.499) == (2220, 2967)
+    window = store.read(2000, 2900, 300, 100, 0.499)
+    assert window.shape == (100, 300, 3) and (window[67:] == 255).all() and (window[:, 220:] == 255).all()
+    with pytest.raises(WsisegError, match="0.499 MPP, not 0.5"):
+        store.read(0, 0, 10, 10, 0.5)
+
+
+@pytest.mark.parametrize("mpp", sorted(CMU_SIZES))
+def test_store_shape_at_each_mpp(samples, tmp_path, mpp, caplog):
+    with caplog.at_level(logging.WARNING, logger="wsiseg"):
+        store = tile_slide(samples["cmu_svs"], tmp_path / "s.zarr", mpp, tile=256, workers=0, progress=False,
+                           tissue_mask_path=small_mask(tmp_path))
+    width, height = CMU_SIZES[mpp]
+    assert (store.width, store.height) == (width, height)
+    assert store.array.shape == (3, height, width)
+    assert ("upsampling" in caplog.text) == (mpp < 0.499)
+    positions = store.tissue_tiles()
+    assert positions and all(store.chunk_file(x, y).exists() for x, y in positions)
+    x, y = positions[len(positions) // 2]
+    with open_slide(samples["cmu_svs"]) as slide:
+        assert np.array_equal(store.read(x, y, 64, 64), slide.read(x, y, 64, 64, mpp))
+
+
+def test_resume_writes_only_missing_chunks(samples, tmp_path):
+    out = tmp_path / "cmu.zarr"
+    first = tile_slide(samples["cmu_svs"], out, 1.0, tile=128, workers=0, progress=False)
+    expected = np.asarray(first.array[...])
+    positions = first.tissue_tiles()
+    # Simulate an interrupted run: back to the partial name, not complete, 3 chunks missing, 1 cut short.
+    partial = partial_path(out)
+    out.rename(partial)
+    group = zarr.open_group(str(partial), mode="r+")
+    group.attrs["wsiseg"] = {**group.attrs["wsiseg"], "complete": False}
+    store = TileStore.open(partial)
+    lost = positions[:3]
+    for x, y in lost:
+        store.chunk_file(x, y).unlink()
+    cut = store.chunk_file(*positions[3])
+    cut.write_bytes(cut.read_bytes()[:1000])
+    kept = {p: store.chunk_file(*p).stat().st_mtime_ns for p in positions[4:]}
+
+    resumed = tile_slide(samples["cmu_svs"], out, 1.0, tile=128, workers=0, progress=False)
+    assert resumed.is_complete and not partial.exists()
+    assert np.array_equal(np.asarray(resumed.array[...]), expected)
+    assert {p: resumed.chunk_file(*p).stat().st_mtime_ns for p in kept} == kept
+    assert "4 to write" in (out / "tile.log").read_text()
+
+
+def test_existing_and_mismatched_outputs(samples, tmp_path):
+    out = tmp_path / "s.zarr"
+    kwargs = {"workers": 0, "progress": False}
+    tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, **kwargs)
+    with pytest.raises(WsisegError, match="--overwrite"):
+        tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, **kwargs)
+    again = tile_slide(samples["cmu_pyramid_tiff"], out, 8.0, overwrite=True, **kwargs)
+    assert again.is_complete and again.mpp == 8.0
+    # a partial store of another run is not silently mixed in
+    other = tmp_path / "o.zarr"
+    tile_slide(samples["cmu_pyramid_tiff"], other, 4.0, **kwargs).path.rename(partial_path(other))
+    with pytest.raises(WsisegError, match="other settings"):
+        tile_slide(samples["cmu_pyramid_tiff"], other, 8.0, **kwargs)
+    assert not other.exists()
+
+
+def test_no_tissue_gives_an_empty_complete_store(tmp_path, caplog):
+    Image.fromarray(np.full((400, 600, 3), 250, np.uint8)).save(tmp_path / "blank.png")
+    with caplog.at_level(logging.WARNING, logger="wsiseg"):
+        store = tile_slide(tmp_path / "blank.png", tmp_path / "blank.zarr", 0.5, slide_mpp=0.5, tile=128,
+                           workers=0, progress=False)
+    assert "no tissue" in caplog.text
+    assert store.is_complete and store.tissue_tiles() == [] and (store.width, store.height) == (600, 400)
+    assert not (store.path / "0" / "c").exists()
+    assert (store.read(0, 0, 600, 400) == 255).all()
+
+
+def test_dask_workers_write_every_chunk(samples, tmp_path):
+    store = tile_slide(samples["cmu_svs"], tmp_path / "d.zarr", 0.5, tile=256, workers=2, progress=False)
+    positions = store.tissue_tiles()
+    assert len(positions) > 40
+    assert all(store.chunk_file(x, y).exists() for x, y in positions)
+    with open_slide(samples["cmu_svs"]) as slide:
+        assert np.array_equal(store.read(0, 0, store.width, store.height),
+                              _tissue_only(slide.read(0, 0, store.width, store.height, 0.5), positions, 256))
+
+
+def _tissue_only(image: np.ndarray, positions, tile: int) -> np.ndarray:
+    out = np.full_like(image, 255)
+    for x, y in positions:
+        out[y : y + tile, x : x + tile] = image[y : y + tile, x : x + tile]
+    return out
+
+
+def test_several_slides_and_skip_errors(samples, tmp_path):
+    slides = [samples["cmu_pyramid_tiff"], samples["unreadable_svs"]]
+    with pytest.raises(WsisegError, match="corrupt"):
+        tile_slides(slides, tmp_path / "a", 4.0, workers=0, progress=False)
+    assert not any((tmp_path / "a").glob("*.zarr"))  # checked before any tiling
+    results = tile_slides(slides, tmp_path / "b", 4.0, workers=0, progress=False, skip_errors=True)
+    assert [r.status for r in results] == ["done", "failed"]
+    assert TileStore.open(tmp_path / "b" / "cmu_pyramid.zarr").is_complete
+    assert "corrupt" in results[1].message and not (tmp_path / "b" / "unreadable_svs.zarr").exists()
+    with pytest.raises(WsisegError, match="one store"):
+        tile_slides(slides, tmp_path / "x.zarr", 4.0, workers=0)
