@@ -83,5 +83,5 @@ def write_overlay(store: MaskStore, path: Path, slide_thumbnail: np.ndarray | No
     image = blend_overlay(background, labels, store.colors, store.background)
     image = add_legend(image, store.class_names, store.colors, store.class_areas_mm2())
     path = Path(path)
-    Image.fromarray(image).save(path)
+    Image.fromarray(image).save(path, format="PNG")
     return path

@@ -1,0 +1,208 @@
+"""`wsiseg.segment_slide` / `wsiseg segment`: a trained segmenter over whole slides.
+
+The checkpoint (and optionally the training config) gives the model, the classes, the
+segmentation MPP (`dataset.mpp`) and the window (`model.input_size`); everything after that is
+`run_slide`. Several slides run one after another, or one task per slide on a dask.distributed
+cluster (`scheduler`), each slide into its own folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from wsiseg.engine.run import DEFAULT_EXPORTS, resolve_device, run_slide
+from wsiseg.errors import WsisegError
+from wsiseg.progress import get_logger
+
+log = get_logger("segment")
+
+BACKGROUND_NAMES = ("background", "bg", "other", "none")
+
+
+def _load_config(config: dict[str, Any] | str | Path | None) -> dict[str, Any] | None:
+    """The validated training config, or None."""
+    if config is None or isinstance(config, dict):
+        return config
+    from wsiseg.config import load_config
+
+    return load_config(config, splits=(), check_files=False)
+
+
+def background_label(class_names: Sequence[str], background: int | str | None = None) -> int:
+    """The label of background: given by index or name, else a class named like background, else 0."""
+    if isinstance(background, int):
+        return background
+    if isinstance(background, str):
+        if background not in class_names:
+            raise WsisegError(f"background class {background!r} is not one of {', '.join(class_names)}")
+        return list(class_names).index(background)
+    lowered = [name.lower() for name in class_names]
+    return next((lowered.index(name) for name in BACKGROUND_NAMES if name in lowered), 0)
+
+
+def load_predictor(
+    checkpoint: str | Path, config: dict[str, Any] | str | Path | None = None, device: Any = "cpu",
+    precision: str | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """(SegmenterPredictor, effective config) of a checkpoint, checking the config against it."""
+    from wsiseg.engine.predictors import SegmenterPredictor
+    from wsiseg.models.checkpoint import load_segmenter, read_checkpoint
+
+    payload = read_checkpoint(checkpoint)
+    stored = payload["config"]
+    user = _load_config(config)
+    effective = stored if user is None else user
+    class_names = list(payload["class_names"])
+    if user is not None:
+        user_classes = user.get("dataset", {}).get("num_classes")
+        if user_classes is not None and int(user_classes) != len(class_names):
+            raise WsisegError(
+                f"the config has {user_classes} classes but checkpoint {Path(checkpoint).name} was trained with "
+                f"{len(class_names)} ({', '.join(class_names)}): pass the config it was trained with"
+            )
+    model = load_segmenter(user, checkpoint, device=str(device))
+    precision = precision or effective.get("system", {}).get("precision", "auto")
+    return SegmenterPredictor(model, class_names, precision=precision), effective
+
+
+def segment_slide(
+    slide: str | Path | Any,
+    checkpoint: str | Path,
+    out: str | Path,
+    config: dict[str, Any] | str | Path | None = None,
+    mode: str = "windowslide",
+    mpp: float | None = None,
+    slide_mpp: float | None = None,
+    window: int | None = None,
+    overlap: float = 0.25,
+    blend: str = "gaussian",
+    batch_size: int = 16,
+    device: str = "auto",
+    workers: int = 2,
+    overwrite: bool = False,
+    save_probabilities: bool = False,
+    background: int | str | None = None,
+    exports: Sequence[str] = DEFAULT_EXPORTS,
+    precision: str | None = None,
+    show_progress: bool = True,
+    predictor: Any = None,
+) -> dict[str, Any]:
+    """Segment one slide (file or tile store) with a trained checkpoint into folder `out`; returns the summary.
+
+    MPP and window default to the config's `dataset.mpp` and `model.input_size` (the training
+    config stored in the checkpoint unless `config` is given). `predictor` reuses an already
+    loaded model (as returned by `load_predictor`).
+    """
+    torch_device = resolve_device(device)
+    if predictor is None:
+        predictor, effective = load_predictor(checkpoint, config, torch_device, precision)
+    else:
+        effective = _load_config(config) or {}
+    mpp = float(mpp if mpp is not None else effective.get("dataset", {}).get("mpp", 0.5))
+    window = int(window if window is not None else effective.get("model", {}).get("input_size", 224))
+    checkpoint = Path(checkpoint)
+    stat = checkpoint.stat()
+    model_info = {
+        "checkpoint": str(checkpoint.resolve()), "checkpoint_size": stat.st_size, "checkpoint_mtime": stat.st_mtime,
+        "name": effective.get("model", {}).get("name"),
+    }
+    return run_slide(
+        slide, predictor, out, mpp=mpp, window=window, overlap=overlap, blend=blend, batch_size=batch_size,
+        device=str(torch_device), workers=workers, mode=mode,
+        background=background_label(predictor.class_names, background), slide_mpp=slide_mpp,
+        overwrite=overwrite, save_probabilities=save_probabilities, exports=exports, model_info=model_info,
+        show_progress=show_progress,
+    )
+
+
+def slide_folders(slides: Sequence[str | Path], out: str | Path) -> list[Path]:
+    """Output folder of each slide: `out` itself for one slide, `out/<name>` for several."""
+    out = Path(out)
+    if len(slides) == 1:
+        return [out]
+    folders, seen = [], set()
+    for slide in slides:
+        stem = Path(slide).name.split(".")[0] or "slide"
+        name, n = stem, 1
+        while name in seen:
+            n += 1
+            name = f"{stem}_{n}"
+        seen.add(name)
+        folders.append(out / name)
+    return folders
+
+
+def _segment_task(slide: str, out: str, options: dict[str, Any]) -> dict[str, Any]:
+    """One slide as a dask task (the model is loaded on the worker)."""
+    return segment_slide(slide, out=out, **options)
+
+
+def segment_slides(
+    slides: Sequence[str | Path],
+    checkpoint: str | Path,
+    out: str | Path,
+    skip_errors: bool = False,
+    scheduler: str | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Segment several slides; one result per slide: {"slide", "status": ok|failed, "summary" | "error"}.
+
+    Without `skip_errors` the first user error stops the run. With `scheduler` (a
+    dask.distributed address) each slide is one task, asking for one `GPU` resource unless
+    the device is the CPU.
+    """
+    if not slides:
+        raise WsisegError("no slides given: pass one or more slide files or tile stores")
+    folders = slide_folders(slides, out)
+    results: list[dict[str, Any]] = []
+    if scheduler:
+        return _segment_distributed(slides, folders, checkpoint, scheduler, skip_errors, options)
+    predictor = None
+    for slide, folder in zip(slides, folders):
+        try:
+            if predictor is None:
+                device = resolve_device(options.get("device", "auto"))
+                predictor, _ = load_predictor(checkpoint, options.get("config"), device, options.get("precision"))
+            summary = segment_slide(slide, checkpoint, folder, predictor=predictor, **options)
+            results.append({"slide": str(slide), "status": "ok", "out": str(folder), "summary": summary})
+        except WsisegError as error:
+            if not skip_errors or predictor is None:
+                raise
+            log.error("%s: %s (skipped)", slide, error)
+            results.append({"slide": str(slide), "status": "failed", "out": str(folder), "error": str(error)})
+    return results
+
+
+def _segment_distributed(
+    slides: Sequence[str | Path], folders: list[Path], checkpoint: str | Path, scheduler: str, skip_errors: bool,
+    options: dict[str, Any],
+) -> list[dict[str, Any]]:
+    from distributed import Client
+
+    try:
+        client = Client(scheduler, timeout="20s")
+    except (OSError, TimeoutError) as error:
+        raise WsisegError(f"cannot reach the dask scheduler at {scheduler} ({error}): start one or drop --scheduler") from None
+    on_gpu = str(options.get("device", "auto")) != "cpu"
+    task_options = {**options, "checkpoint": str(checkpoint), "show_progress": False}
+    results = []
+    with client:
+        futures = [
+            client.submit(
+                _segment_task, str(slide), str(folder), task_options,
+                resources={"GPU": 1} if on_gpu else None, pure=False, key=f"segment-{folder.name}-{i}",
+            )
+            for i, (slide, folder) in enumerate(zip(slides, folders))
+        ]
+        for slide, folder, future in zip(slides, folders, futures):
+            try:
+                summary = future.result()
+                results.append({"slide": str(slide), "status": "ok", "out": str(folder), "summary": summary})
+            except WsisegError as error:
+                if not skip_errors:
+                    raise
+                log.error("%s: %s (skipped)", slide, error)
+                results.append({"slide": str(slide), "status": "failed", "out": str(folder), "error": str(error)})
+    return results

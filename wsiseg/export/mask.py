@@ -1,0 +1,84 @@
+"""`wsiseg export`: a mask store as a viewer file (pyramidal TIFF, OME-TIFF, GeoJSON, overlay PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import numpy as np
+
+from wsiseg.errors import WsisegError
+from wsiseg.outputs import atomic_output
+from wsiseg.progress import get_logger
+from wsiseg.store.masks import MaskStore
+
+log = get_logger("export")
+
+# format -> default file name (next to the mask store)
+FORMATS: dict[str, str] = {
+    "tiff": "mask.tif",
+    "ome-tiff": "mask.ome.tif",
+    "geojson": "mask.geojson",
+    "png": "overlay.png",
+}
+
+
+def write_mask_tiff(store: MaskStore, path: Path, flavour: str = "openslide") -> Path:
+    """The mask's pyramid as a tiled pyramidal TIFF (OpenSlide/ASAP flavour, or OME-TIFF with SubIFDs)."""
+    from wsiseg.export.tiff import write_pyramidal_tiff
+
+    levels = [store.level(index) for index in range(store.num_levels)]
+    colormap = store.colors if levels[0].dtype == np.uint8 else None
+    return write_pyramidal_tiff(path, levels, store.mpp, flavour=flavour, colormap=colormap)
+
+
+def source_thumbnail(store: MaskStore, max_side: int = 2048) -> np.ndarray | None:
+    """A thumbnail of the slide the mask was made from, when it can still be opened."""
+    source = store.source
+    if not source or not Path(source).exists():
+        return None
+    try:
+        from wsiseg.slide import open_slide
+
+        with open_slide(source, store.slide_mpp) as slide:
+            return slide.thumbnail(max_side)
+    except WsisegError as error:
+        log.warning("overlay without the slide picture: %s", error)
+        return None
+
+
+def write_export(store: MaskStore, fmt: str, path: Path, thumbnail: np.ndarray | None = None) -> Path:
+    """Write one export format of `store` to `path` (no existence checks)."""
+    from wsiseg.export.geojson import write_geojson
+    from wsiseg.export.overlay import write_overlay
+
+    if fmt == "tiff":
+        return write_mask_tiff(store, path, "openslide")
+    if fmt == "ome-tiff":
+        return write_mask_tiff(store, path, "ome")
+    if fmt == "geojson":
+        return write_geojson(store, path)
+    if fmt == "png":
+        return write_overlay(store, path, thumbnail if thumbnail is not None else source_thumbnail(store))
+    raise WsisegError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def open_complete(mask: Path | str) -> MaskStore:
+    """Open a finished mask store, or say why it cannot be used."""
+    store = MaskStore.open(Path(mask))
+    if not store.is_complete:
+        raise WsisegError(f"mask store {mask} is incomplete: finish it by running the same `wsiseg segment` again")
+    return store
+
+
+def export_mask(
+    mask: Path | str, format: str = "tiff", output: Path | str | None = None, overwrite: bool = False
+) -> Path:
+    """Export a mask.zarr as `format` (tiff, ome-tiff, geojson, png) to `output` (default: next to it)."""
+    if format not in FORMATS:
+        raise WsisegError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    store = open_complete(mask)
+    final = Path(output) if output is not None else Path(mask).parent / FORMATS[format]
+    with atomic_output(final, overwrite=overwrite, resume=False) as partial:
+        write_export(store, format, partial)
+    log.info("wrote %s", final)
+    return final
+
