@@ -16,6 +16,10 @@ __version__ = "0.1.0"
 # public name -> "module:attribute"
 _API: dict[str, str] = {
     "fetch_samples": "wsiseg.samples:fetch_samples",
+    "train_model": "wsiseg.train.trainer:train_model",
+    "infer_images": "wsiseg.train.infer:infer_images",
+    "load_config": "wsiseg.config:load_config",
+    "prepare_demo_dataset": "wsiseg.train.demo_data:prepare_demo_dataset",
     "fseg_slide": "wsiseg.fseg.api:fseg_slide",
     "fit_concepts": "wsiseg.fseg.api:fit_concepts",
     "load_segmenter": "wsiseg.models.checkpoint:load_segmenter",

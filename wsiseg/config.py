@@ -77,6 +77,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "lora_target_modules": _k(["qkv", "proj"], list),
         "input_size": _k(224, int, minimum=8),
         "num_classes": _k(None, int, minimum=1),
+        "merged_from": _k(None, str, help="set by `merge` exports: the fine-tuning mode merged into the weights"),
     },
     "training": {
         "epochs": _k(20, int, minimum=1),

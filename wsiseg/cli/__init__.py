@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "samples": ("samples", "samples_command", "Fetch the real sample slides, images and weights into the cache."),
     "fseg": ("fseg", "fseg_command", "Unsupervised segmentation: project token features onto a concept bank (F-Seg)."),
     "fseg-fit": ("fseg", "fseg_fit_command", "Fit F-Seg concept banks (k-means of token features, several k at once)."),
+    "train": ("train", "train_command", "Train a segmenter from a YAML config (reference JSON dataset)."),
+    "infer": ("train", "infer_command", "Segment the images of a dataset JSON with a trained checkpoint."),
     "info": ("slides", "info_command", "Show a slide's format, levels, MPP and associated images."),
     "tile": ("slides", "tile_command", "Tissue-mask slides and tile them into zarr stores."),
 }

@@ -120,7 +120,7 @@ class SegmentationDataset:
         import torch
 
         image, mask = self.load(index)
-        image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        image_t = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(255.0)
         mask_t = torch.from_numpy(mask) if mask is not None else torch.full(image.shape[:2], self.ignore_index)
         if self.transform is not None:
             image_t, mask_t = self.transform(image_t, mask_t)

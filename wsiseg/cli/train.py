@@ -1,0 +1,66 @@
+"""`wsiseg train` and `wsiseg infer`: supervised training and patch-level inference (reference formats)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("train")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--resume", type=click.Path(path_type=Path), default=None,
+              help="Continue a run from its checkpoints/last.pth (weights, optimiser, schedule, epoch, RNG).")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (overrides system.device).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in logging.output_dir.")
+def train_command(config: Path, resume: Path | None, device: str | None, overwrite: bool) -> None:
+    """Train a segmenter from a YAML config (see configs/; configs/demo.yaml runs on a CPU)."""
+    from wsiseg.progress import setup_console_logging
+    from wsiseg.train.trainer import train_model
+
+    setup_console_logging()
+    summary = train_model(config, resume=resume, device=device, overwrite=overwrite)
+    best = summary["best"]
+    shown = f"{best:.4f}" if best is not None else "n/a"
+    click.echo(f"best {summary['metric']} {shown} at epoch {summary['best_epoch']}; "
+               f"run in {summary['output_dir']} (checkpoints/best_model.pth)")
+
+
+@click.command("infer")
+@click.option("--config", type=click.Path(path_type=Path), default=None,
+              help="The training YAML (optional: the checkpoint stores its config).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="A checkpoint from `wsiseg train`.")
+@click.option("--input_json", "--input-json", "input_json", type=click.Path(path_type=Path), required=True,
+              help="Dataset JSON; the images of --split are segmented (masks optional).")
+@click.option("--output_dir", "--output-dir", "output_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder receiving predictions_masks/, predictions_overlays/ and metrics.json.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--input_size", "--input-size", "input_size", type=int, default=None,
+              help="Window (or resized longer side) in pixels [default: model.input_size of the checkpoint].")
+@click.option("--resize_or_windowslide", "--mode", "mode", type=click.Choice(["windowslide", "resize"]),
+              default="windowslide", show_default=True, help="Sliding windows, or one resized pass per image.")
+@click.option("--batch_size", "--batch-size", "batch_size", type=int, default=8, show_default=True,
+              help="Windows per forward pass.")
+@click.option("--overlap", type=float, default=0.25, show_default=True, help="Window overlap fraction in [0, 1).")
+@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True,
+              help="Window weights for blending overlapping predictions.")
+@click.option("--split", default="test", show_default=True, help="Which list of the JSON to segment.")
+@click.option("--bootstrap", type=int, default=0, show_default=True,
+              help="Bootstrap resamples for 95% confidence intervals in metrics.json (0 = none).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def infer_command(config: Path | None, checkpoint: Path, input_json: Path, output_dir: Path, device: str,
+                  input_size: int | None, mode: str, batch_size: int, overlap: float, blend: str, split: str,
+                  bootstrap: int, overwrite: bool) -> None:
+    """Segment the images of a dataset JSON split with a trained checkpoint."""
+    from wsiseg.metrics import format_metrics
+    from wsiseg.progress import setup_console_logging
+    from wsiseg.train.infer import infer_images
+
+    setup_console_logging()
+    summary = infer_images(config, checkpoint, input_json, output_dir, device=device, input_size=input_size,
+                           mode=mode, batch_size=batch_size, overlap=overlap, blend=blend, split=split,
+                           overwrite=overwrite, bootstrap=bootstrap)
+    line = f"{summary['images']} images in {summary['seconds']:.1f} s -> {summary['output_dir']}"
+    if summary["metrics"]:
+        line += " | " + format_metrics(summary["metrics"], ("mdice", "dice_no_bg", "dice_foreground", "miou", "pixel_acc"))
+    click.echo(line)
