@@ -28,6 +28,12 @@ _API: dict[str, str] = {
     "tile_slide": "wsiseg.store.tiling:tile_slide",
     "tile_slides": "wsiseg.store.tiling:tile_slides",
     "TileStore": "wsiseg.store.tiles:TileStore",
+    "segment_slide": "wsiseg.engine.segment:segment_slide",
+    "segment_slides": "wsiseg.engine.segment:segment_slides",
+    "run_slide": "wsiseg.engine.run:run_slide",
+    "export_mask": "wsiseg.export.mask:export_mask",
+    "evaluate_mask": "wsiseg.engine.evaluate:evaluate_mask",
+    "MaskStore": "wsiseg.store.masks:MaskStore",
 }
 
 __all__ = ["WsisegError", *_API]

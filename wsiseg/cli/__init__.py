@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "infer": ("train", "infer_command", "Segment the images of a dataset JSON with a trained checkpoint."),
     "info": ("slides", "info_command", "Show a slide's format, levels, MPP and associated images."),
     "tile": ("slides", "tile_command", "Tissue-mask slides and tile them into zarr stores."),
+    "segment": ("segment", "segment_command", "Segment whole slides with a trained checkpoint (mask.zarr, TIFF, overlay)."),
+    "export": ("segment", "export_command", "Export a mask.zarr as pyramidal TIFF, OME-TIFF, GeoJSON or overlay PNG."),
+    "eval": ("segment", "eval_command", "Score a mask.zarr against annotated tiles or GeoJSON class polygons."),
 }
 
 

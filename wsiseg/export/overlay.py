@@ -51,7 +51,7 @@ def add_legend(
     font_size = max(12, min(24, image.shape[0] // 30))
     font = ImageFont.load_default(size=font_size)
     lines = [
-        f"{name}" + (f"  {areas_mm2[name]:.3f} mm²" if areas_mm2 and name in areas_mm2 else "")
+        f"{name}" + (f"  {areas_mm2[name]:.3f} mm2" if areas_mm2 and name in areas_mm2 else "")
         for name in class_names
     ]
     row = font_size + 8

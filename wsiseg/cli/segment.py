@@ -1,0 +1,104 @@
+"""`wsiseg segment`, `wsiseg export` and `wsiseg eval`: whole-slide segmentation, viewer exports, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+EXPORT_FORMATS = ("tiff", "ome-tiff", "geojson", "png")
+
+
+@click.command("segment")
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Checkpoint from `wsiseg train`.")
+@click.option("--config", type=click.Path(path_type=Path), default=None,
+              help="The training YAML [default: the config stored in the checkpoint].")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output folder (one slide), or folder of <slide name>/ folders (several).")
+@click.option("--mode", type=click.Choice(["windowslide", "resize"]), default="windowslide", show_default=True)
+@click.option("--mpp", type=float, default=None, help="Segmentation MPP [default: dataset.mpp of the config].")
+@click.option("--slide-mpp", type=float, default=None, help="The slides' own MPP, where their metadata lacks it.")
+@click.option("--window", type=int, default=None, help="Window side in pixels [default: model.input_size].")
+@click.option("--overlap", type=float, default=0.25, show_default=True, help="Window overlap, a fraction of the window.")
+@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--workers", type=int, default=2, show_default=True, help="Reader processes (0: read in the main process).")
+@click.option("--scheduler", default=None, help="dask.distributed scheduler address: one task per slide on GPU workers.")
+@click.option("--save-probabilities", is_flag=True, help="Also store the blended class probabilities (float16) in mask.zarr.")
+@click.option("--background", default=None, help="Background class name [default: a class named background, else 0].")
+@click.option("--export", "exports", default="tiff,ome-tiff,png", show_default=True,
+              help="Comma-separated exports written next to mask.zarr (tiff, ome-tiff, geojson, png; '' for none).")
+@click.option("--skip-errors", is_flag=True, help="Go on past slides that fail, and list them at the end.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+def segment_command(
+    slides: tuple[Path, ...], checkpoint: Path, config: Path | None, out: Path, mode: str, mpp: float | None,
+    slide_mpp: float | None, window: int | None, overlap: float, blend: str, batch_size: int, device: str,
+    workers: int, scheduler: str | None, save_probabilities: bool, background: str | None, exports: str,
+    skip_errors: bool, overwrite: bool,
+) -> None:
+    """Segment SLIDES (slide files, images with --slide-mpp, or `wsiseg tile` stores) into label masks."""
+    from wsiseg.engine.segment import segment_slides
+    from wsiseg.progress import setup_console_logging
+
+    setup_console_logging()
+    results = segment_slides(
+        list(slides), checkpoint, out, skip_errors=skip_errors, scheduler=scheduler, config=config, mode=mode,
+        mpp=mpp, slide_mpp=slide_mpp, window=window, overlap=overlap, blend=blend, batch_size=batch_size,
+        device=device, workers=workers, overwrite=overwrite, save_probabilities=save_probabilities,
+        background=background, exports=tuple(e.strip() for e in exports.split(",") if e.strip()),
+    )
+    rows = [("slide", "status", "size", "windows", "tiles/s", "output / error")]
+    for result in results:
+        if result["status"] == "ok":
+            summary = result["summary"]
+            rate = summary["tiles_per_s"]
+            rows.append((
+                Path(result["slide"]).name, "ok", f"{summary['width']}x{summary['height']}",
+                str(summary["windows_tissue"]), f"{rate:.1f}" if rate else "-", result["out"],
+            ))
+        else:
+            rows.append((Path(result["slide"]).name, "FAILED", "-", "-", "-", result["error"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if any(result["status"] != "ok" for result in results):
+        raise SystemExit(1)
+
+
+@click.command("export")
+@click.argument("mask", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output file [default: mask.tif, mask.ome.tif, mask.geojson or overlay.png next to MASK].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def export_command(mask: Path, fmt: str, out: Path | None, overwrite: bool) -> None:
+    """Export a mask.zarr as a pyramidal TIFF, OME-TIFF, GeoJSON polygons or an overlay PNG."""
+    from wsiseg.export.mask import export_mask
+
+    click.echo(str(export_mask(mask, fmt, out, overwrite=overwrite)))
+
+
+@click.command("eval")
+@click.argument("mask", type=click.Path(path_type=Path))
+@click.option("--annotations", type=click.Path(path_type=Path), required=True,
+              help="Folder of annotated tiles (PNG + JSON of slide coordinates) or a GeoJSON of class polygons.")
+@click.option("--json", "as_json", is_flag=True, help="Print all metrics as JSON.")
+def eval_command(mask: Path, annotations: Path, as_json: bool) -> None:
+    """Compare a mask.zarr with annotations: Dice, IoU and the rest of the trainer's metrics."""
+    from wsiseg.engine.evaluate import evaluate_mask
+
+    result = evaluate_mask(mask, annotations)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    metrics = result["metrics"]
+    click.echo(f"{result['regions']} annotated region(s), {metrics['pixels']:,} pixels")
+    for name in ("mdice", "dice_no_bg", "miou", "pixel_acc", "kappa"):
+        click.echo(f"{name:<12}{metrics[name]:.4f}")
+    click.echo("per class      dice     iou  support")
+    for index, name in enumerate(result["class_names"]):
+        per = metrics["per_class"]
+        click.echo(f"  {name:<12}{per['dice'][index]:>6.3f}  {per['iou'][index]:>6.3f}  {per['support'][index]:>7}")

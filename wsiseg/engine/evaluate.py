@@ -1,0 +1,179 @@
+"""`wsiseg eval`: a mask store against annotations, with the trainer's metric suite.
+
+Annotations are either
+- a folder of annotated tiles: label PNGs, each with its place on the slide given by a
+  sidecar `NAME.json` ({"x": .., "y": .., "mpp": ..}) or by one `tiles.json` listing
+  [{"mask": "NAME.png", "x": .., "y": .., "mpp": ..}]; x, y are level-0 pixels of the slide
+  (the coordinates of `wsiseg export --format geojson` and QuPath), mpp the PNG's resolution;
+  pixels valued 255 are ignored;
+- a GeoJSON of class polygons (QuPath's `classification.name`, or a `class` / `label`
+  property) in the same coordinates; pixels outside every polygon are ignored.
+Predictions are sampled (nearest) at the centre of every annotation pixel.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsiseg.errors import WsisegError
+from wsiseg.store.masks import MaskStore
+
+IGNORE = 255
+TILE_INDEX = "tiles.json"
+MAX_RASTER_PIXELS = 25_000_000
+
+
+def _slide_to_mask(store: MaskStore, level: int) -> tuple[float, float, float]:
+    """(scale, origin x, origin y): mask-level pixels = (slide px - origin) * scale."""
+    level_mpp = store.mpp * store.width / store.level(level).shape[1]
+    slide_mpp = store.slide_mpp or store.mpp
+    return slide_mpp / level_mpp, float(store.origin[0]), float(store.origin[1])
+
+
+def _sample(store: MaskStore, level: int, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Labels of the mask level on the grid of float column positions `xs` x row positions `ys` (nearest)."""
+    cols, rows = np.floor(xs).astype(np.int64), np.floor(ys).astype(np.int64)
+    x0, y0 = int(cols.min()), int(rows.min())
+    box = store.read(x0, y0, int(cols.max()) - x0 + 1, int(rows.max()) - y0 + 1, level)
+    return box[np.ix_(rows - y0, cols - x0)]
+
+
+def _tile_entries(folder: Path) -> list[dict[str, Any]]:
+    index = folder / TILE_INDEX
+    if index.is_file():
+        try:
+            entries = json.loads(index.read_text())
+        except ValueError as error:
+            raise WsisegError(f"{index} is not valid JSON ({error}): fix it") from None
+        return [{**entry, "mask": folder / entry["mask"]} for entry in entries]
+    entries = []
+    for png in sorted(folder.glob("*.png")):
+        sidecar = png.with_suffix(".json")
+        if not sidecar.is_file():
+            raise WsisegError(f"annotated tile {png.name} has no {sidecar.name} with its x, y and mpp: add one")
+        entries.append({**json.loads(sidecar.read_text()), "mask": png})
+    if not entries:
+        raise WsisegError(f"{folder} holds no annotated tiles: add PNG masks with NAME.json sidecars or a {TILE_INDEX}")
+    return entries
+
+
+def tile_pairs(store: MaskStore, folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(prediction, annotation) label arrays of every annotated tile of a folder."""
+    from PIL import Image
+
+    scale, ox, oy = _slide_to_mask(store, 0)
+    pairs = []
+    for entry in _tile_entries(folder):
+        missing = [key for key in ("x", "y", "mpp") if key not in entry]
+        if missing:
+            raise WsisegError(f"the entry of {Path(entry['mask']).name} lacks {', '.join(missing)}: add them")
+        target = np.asarray(Image.open(entry["mask"]))
+        if target.ndim != 2:
+            raise WsisegError(f"{Path(entry['mask']).name} is not a single-channel label PNG: save labels as L or P mode")
+        height, width = target.shape
+        # annotation pixel centre -> slide level-0 px -> mask px
+        slide_step = float(entry["mpp"]) / (store.slide_mpp or store.mpp)
+        xs = (float(entry["x"]) + (np.arange(width) + 0.5) * slide_step - ox) * scale
+        ys = (float(entry["y"]) + (np.arange(height) + 0.5) * slide_step - oy) * scale
+        pairs.append((_sample(store, 0, xs, ys), target))
+    return pairs
+
+
+def _feature_class(feature: dict[str, Any]) -> str | int | None:
+    properties = feature.get("properties") or {}
+    classification = properties.get("classification")
+    if isinstance(classification, dict) and "name" in classification:
+        return classification["name"]
+    if isinstance(classification, str):
+        return classification
+    for key in ("class", "label", "name"):
+        if key in properties:
+            return properties[key]
+    return None
+
+
+def _polygons(geometry: dict[str, Any]) -> list[list[list[list[float]]]]:
+    if geometry.get("type") == "Polygon":
+        return [geometry["coordinates"]]
+    if geometry.get("type") == "MultiPolygon":
+        return list(geometry["coordinates"])
+    return []
+
+
+def geojson_pair(store: MaskStore, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, annotation) over the bounding box of a GeoJSON's polygons, at a mask level that fits."""
+    from skimage.draw import polygon as fill_polygon
+
+    try:
+        document = json.loads(path.read_text())
+    except ValueError as error:
+        raise WsisegError(f"{path} is not valid GeoJSON ({error}): fix it") from None
+    features = document.get("features", []) if isinstance(document, dict) else document
+    lookup = {name.lower(): index for index, name in enumerate(store.class_names)}
+    shapes = []
+    for feature in features:
+        name = _feature_class(feature)
+        if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
+            label = int(name)
+        elif isinstance(name, str) and name.lower() in lookup:
+            label = lookup[name.lower()]
+        else:
+            raise WsisegError(
+                f"annotation class {name!r} in {path.name} is not a class of the mask "
+                f"({', '.join(store.class_names)}): rename it"
+            )
+        shapes.extend((label, rings) for rings in _polygons(feature.get("geometry") or {}))
+    if not shapes:
+        raise WsisegError(f"{path} holds no polygons: annotate class regions as polygons")
+    points = np.concatenate([np.asarray(rings[0], dtype=np.float64) for _, rings in shapes])
+    level = 0
+    while True:
+        scale, ox, oy = _slide_to_mask(store, level)
+        x0, y0 = np.floor((points.min(axis=0) - (ox, oy)) * scale).astype(int)
+        x1, y1 = np.ceil((points.max(axis=0) - (ox, oy)) * scale).astype(int)
+        if (x1 - x0) * (y1 - y0) <= MAX_RASTER_PIXELS or level == store.num_levels - 1:
+            break
+        level += 1
+    width, height = max(x1 - x0, 1), max(y1 - y0, 1)
+    target = np.full((height, width), IGNORE, np.uint8)
+    for label, rings in shapes:
+        for index, ring in enumerate(rings):
+            ring = (np.asarray(ring, dtype=np.float64) - (ox, oy)) * scale - (x0, y0)
+            # pixel (r, c) is inside when its centre (c + 0.5, r + 0.5) is
+            rr, cc = fill_polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, shape=target.shape)
+            target[rr, cc] = label if index == 0 else IGNORE
+    prediction = store.read(int(x0), int(y0), width, height, level)
+    return prediction, target
+
+
+def evaluate_mask(mask: Path | str, annotations: Path | str) -> dict[str, Any]:
+    """Metrics of a mask.zarr against a folder of annotated tiles or a GeoJSON of class polygons."""
+    from wsiseg.export.mask import open_complete
+    from wsiseg.metrics import confusion_matrix, metrics_from_confusion
+
+    store = open_complete(Path(mask))
+    annotations = Path(annotations)
+    if annotations.is_dir():
+        pairs = tile_pairs(store, annotations)
+    elif annotations.is_file():
+        pairs = [geojson_pair(store, annotations)]
+    else:
+        raise WsisegError(f"annotations {annotations} not found: give a folder of annotated tiles or a GeoJSON file")
+    num_classes = len(store.class_names)
+    total = np.zeros((num_classes, num_classes), np.int64)
+    for prediction, target in pairs:
+        try:
+            total += confusion_matrix(prediction, target, num_classes, ignore_index=IGNORE)
+        except ValueError as error:
+            raise WsisegError(f"annotations {annotations.name}: {error}; labels must be 0..{num_classes - 1} or 255") from None
+    if total.sum() == 0:
+        raise WsisegError(f"no annotated pixel of {annotations.name} falls on the mask: check the coordinates and MPP")
+    metrics = metrics_from_confusion(total, background_index=store.background)
+    return {
+        "mask": str(mask), "annotations": str(annotations), "class_names": store.class_names,
+        "regions": len(pairs), "confusion": total.tolist(), "metrics": metrics,
+    }
