@@ -268,12 +268,14 @@ def run_slide(
     exports: Sequence[str] = DEFAULT_EXPORTS,
     model_info: dict[str, Any] | None = None,
     show_progress: bool = True,
+    chunk: int = 512,
 ) -> dict[str, Any]:
     """Segment one slide or tile store with `predictor` into `out_dir`; returns the run summary.
 
     Outputs: mask.zarr (always), the `exports` (mask.tif, mask.ome.tif, overlay.png,
     mask.geojson) and summary.json; the log goes to segment.log. A partial run left in
-    `out_dir` by an interrupted run with the same settings is resumed.
+    `out_dir` by an interrupted run with the same settings is resumed. `chunk` is the side of
+    the mask store's chunks, which is also the granularity of resuming.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -316,7 +318,7 @@ def run_slide(
             _fingerprint(view, settings, predictor),
             width=view.width, height=view.height, mpp=mpp, class_names=predictor.class_names,
             colors=predictor.colors, source=str(view.path.resolve()), slide_mpp=view.slide_mpp, origin=view.origin,
-            probabilities=save_probabilities, background=background,
+            probabilities=save_probabilities, background=background, chunk=chunk,
         )
         resumed_from = store.rows_done
         if resumed_from:

@@ -1,0 +1,73 @@
+"""The streaming row-stripe blender equals the plain in-memory blend, also when resumed midway."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wsiseg.engine.blend import StripeBlender, blend_in_memory, finalise, window_weights
+from wsiseg.errors import WsisegError
+from wsiseg.slide.grid import Grid
+
+
+def test_weights() -> None:
+    gaussian = window_weights(64)
+    assert gaussian.shape == (64, 64) and gaussian.dtype == np.float32
+    assert gaussian.max() == pytest.approx(1.0, abs=1e-3) and gaussian.min() > 0
+    assert np.allclose(gaussian, gaussian.T) and np.allclose(gaussian, gaussian[::-1, ::-1])
+    assert gaussian[32, 32] > gaussian[32, 8] > gaussian[0, 0]
+    assert (window_weights((8, 16), "constant") == 1).all()
+    with pytest.raises(WsisegError, match="blend mode"):
+        window_weights(8, "median")
+
+
+def _stream(scores, positions, height, width, window, weights, start_row=0, background=0):
+    labels = np.full((height, width), -1)
+    probabilities = np.full((scores[0].shape[0], height, width), -1.0, np.float32)
+    calls = []
+
+    def sink(y0, rows, probs):
+        calls.append((y0, rows.shape[0]))
+        labels[y0 : y0 + rows.shape[0]] = rows
+        probabilities[:, y0 : y0 + rows.shape[0]] = probs
+
+    blender = StripeBlender(width, height, window, scores[0].shape[0], weights, sink, background=background,
+                            start_row=start_row, keep_probabilities=True)
+    for score, (x, y) in zip(scores, positions):
+        if y + window > start_row:
+            blender.add(torch.from_numpy(score), x, y)
+    blender.close()
+    assert blender.total.shape[1] <= window  # bounded: never taller than one window
+    return labels, probabilities, calls
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+def test_stream_equals_in_memory(blend: str) -> None:
+    rng = np.random.default_rng(3)
+    height, width, window = 301, 233, 40
+    grid = Grid.from_overlap(width, height, window, 0.3)
+    # a ragged subset, as tissue windows are: whole rows of windows missing too
+    positions = [(x, y) for x, y in grid.positions() if rng.random() < 0.7 and y not in grid.ys[3:5]]
+    scores = [rng.random((4, window, window)).astype(np.float32) for _ in positions]
+    weights = window_weights(window, blend)
+    total, weight_sum = blend_in_memory(scores, positions, height, width, weights)
+    expected_labels, expected_probs = finalise(total, weight_sum, background=2)
+    assert (weight_sum == 0).any()  # some background left uncovered
+    for start_row in (0, 97, 280):
+        labels, probabilities, calls = _stream(scores, positions, height, width, window, weights, start_row, 2)
+        assert np.array_equal(labels[start_row:], expected_labels[start_row:])
+        assert np.array_equal(probabilities[:, start_row:], expected_probs[:, start_row:])
+        assert (labels[:start_row] == -1).all()  # rows above the resume point are not produced again
+        assert calls[0][0] == start_row and sum(n for _, n in calls) == height - start_row
+    assert (expected_labels[weight_sum == 0] == 2).all()
+
+
+def test_image_smaller_than_window() -> None:
+    rng = np.random.default_rng(0)
+    scores = [rng.random((3, 64, 64)).astype(np.float32)]
+    weights = window_weights(64)
+    total, weight_sum = blend_in_memory(scores, [(0, 0)], 20, 30, weights)
+    expected, _ = finalise(total, weight_sum)
+    labels, _, _ = _stream(scores, [(0, 0)], 20, 30, 64, weights)
+    assert np.array_equal(labels, expected) and labels.shape == (20, 30)
