@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 # public name -> "module:attribute"
 _API: dict[str, str] = {
     "fetch_samples": "wsiseg.samples:fetch_samples",
+    "run_demo": "wsiseg.demo:run_demo",
+    "run_checks": "wsiseg.doctor:run_checks",
     "train_model": "wsiseg.train.trainer:train_model",
     "infer_images": "wsiseg.train.infer:infer_images",
     "load_config": "wsiseg.config:load_config",

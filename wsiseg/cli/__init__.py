@@ -15,6 +15,8 @@ from wsiseg.errors import WsisegError
 
 # command name -> (module in wsiseg.cli, attribute, one-line help shown by `wsiseg --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("demo", "demo_command", "Run every stage on the built-in real samples (the README's main job)."),
+    "doctor": ("demo", "doctor_command", "Preflight checks: torch/CUDA, OpenSlide, codecs, cache, disk, a config's weights."),
     "models": ("models", "models_command", "List the backbone registry (embed dim, patch, normalisation, size)."),
     "merge": ("models", "merge_command", "Export a LoRA/DoRA checkpoint as a plain merged model."),
     "samples": ("samples", "samples_command", "Fetch the real sample slides, images and weights into the cache."),
