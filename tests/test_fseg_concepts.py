@@ -66,8 +66,8 @@ def test_bank_round_trip_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(WsisegError, match="already exists"):
         save_bank(bank, path)
     save_bank(bank, path, overwrite=True)
-    with pytest.raises(WsisegError, match="6-long concepts but model m gives 320"):
-        loaded.check_compatible("m", 320)
+    with pytest.raises(WsisegError, match="6-long concepts but model efficientnet_lite0_imagenet gives 320"):
+        loaded.check_compatible("efficientnet_lite0_imagenet", 320)
     with pytest.raises(WsisegError, match="fitted with model efficientnet_lite0_imagenet, not uni_v1"):
         loaded.check_compatible("uni_v1", 6)
     with pytest.raises(WsisegError, match="layer 3, not 4"):

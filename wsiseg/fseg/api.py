@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,9 @@ def fseg_slide(
         layer = layer if layer is not None else (int(loaded.layer) if loaded.layer is not None else None)
         mpp = mpp or loaded.mpp
         window = window or loaded.window
-        loaded.get(k)  # k not in the bank: refuse before any heavy work
+        loaded.get(k)  # k not in the bank, or another model: refuse before any heavy work
+        if loaded.model is not None and model != loaded.model:
+            loaded.check_compatible(model, loaded.feature_dim)
     model = model or DEFAULT_MODEL
     layer = DEFAULT_LAYER if layer is None else layer
     mpp = mpp or DEFAULT_MPP
@@ -168,25 +171,42 @@ def fseg_slide(
     targets = [out] if len(paths) == 1 else [out / p.stem for p in paths]
     if len({t.name for t in targets}) != len(targets):
         raise WsisegError("several slides share a file name: run them into separate --out folders")
+    from wsiseg.engine.run import DEFAULT_EXPORTS, output_paths
     from wsiseg.outputs import check_writable
 
+    exports = engine_options.get("exports", DEFAULT_EXPORTS)
     for target in targets:
-        check_writable(target / "summary.json", overwrite)
+        for path in output_paths(target, exports).values():
+            check_writable(path, overwrite)
     opened = _open(paths, slide_mpp)
+    from wsiseg.fseg.sampling import tissue_windows
+
+    for slide in opened:
+        if not tissue_windows(slide, mpp, window):
+            raise WsisegError(f"no tissue found in {slide.path}: check the slide, or pass a tissue-rich slide")
     extractor = load_extractor(model, weights, layer, device)
     _check_window(extractor, window)
     if loaded is None:
         loaded = _fit(opened, extractor, [k], mpp, window, fit_windows, 50_000, seed)
+        bank_path = out / BANK_NAME
         out.mkdir(parents=True, exist_ok=True)
-        save_bank(loaded, out / BANK_NAME, overwrite=True)
+        save_bank(loaded, bank_path, overwrite=True)
+        log.info("fitted k=%d concepts on the slide(s): saved as %s (reuse it with --bank)", k, bank_path)
     else:
         loaded.check_compatible(model, extractor.feature_dim, str(extractor.layer))
-    predictor = FsegPredictor(extractor, loaded.get(k), mode=mode, scale_before_argmax=scale_before_argmax)
+        bank_path = Path(bank) if isinstance(bank, (str, Path)) else None
+    concepts = loaded.get(k)
+    predictor = FsegPredictor(extractor, concepts, mode=mode, scale_before_argmax=scale_before_argmax)
+    info = {
+        "name": model, "layer": extractor.layer, "feature_dim": extractor.feature_dim, "fseg": True, "k": k,
+        "mode": mode, "scale_before_argmax": scale_before_argmax,
+        "bank": str(bank_path) if bank_path else None,
+        "bank_sha256": hashlib.sha256(concepts.tobytes()).hexdigest()[:16],
+    }
     summaries = []
     for slide, target in zip(opened, targets):
-        summary = run_slide(
+        summaries.append(run_slide(
             slide, predictor, target, mpp=mpp, window=window, overlap=overlap, batch_size=batch_size,
-            device=str(extractor.device), overwrite=overwrite, **engine_options,
-        )
-        summaries.append(summary)
+            device=str(extractor.device), overwrite=overwrite, model_info=info, **engine_options,
+        ))
     return summaries

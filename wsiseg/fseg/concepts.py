@@ -62,16 +62,16 @@ class ConceptBank:
 
     def check_compatible(self, model: str, feature_dim: int, layer: str | None = None) -> None:
         """Refuse a bank fitted for another model, layer or feature size."""
+        if self.model is not None and self.model != model:
+            raise WsisegError(
+                f"the concept bank was fitted with model {self.model}, not {model}: pass --model {self.model} "
+                "or fit a bank for this model with `wsiseg fseg-fit`"
+            )
         if self.feature_dim != feature_dim:
             raise WsisegError(
                 f"the concept bank has {self.feature_dim}-long concepts but model {model} gives {feature_dim}-long "
                 f"features{'' if self.model is None else f' (bank fitted with {self.model})'}: use a bank fitted "
                 "with this model (wsiseg fseg-fit) or pass the bank's --model"
-            )
-        if self.model is not None and self.model != model:
-            raise WsisegError(
-                f"the concept bank was fitted with model {self.model}, not {model}: pass --model {self.model} "
-                "or fit a bank for this model with `wsiseg fseg-fit`"
             )
         if layer is not None and self.layer is not None and self.layer != layer:
             raise WsisegError(

@@ -37,11 +37,17 @@ def concept_names(k: int) -> list[str]:
     return [f"concept {i}" for i in range(k)]
 
 
-class FsegPredictor:
-    """(B, 3, h, w) [0, 1] RGB -> (B, k, h, w) concept weights, upsampled bilinearly to the window size.
+BACKGROUND_NAME = "background"
+BACKGROUND_COLOR = (255, 255, 255)
 
-    The engine blends these maps across overlapping windows exactly like probabilities and
-    takes the argmax, so a label is the concept with the largest blended weight.
+
+class FsegPredictor:
+    """(B, 3, h, w) [0, 1] RGB -> (B, 1 + k, h, w) concept weights, upsampled bilinearly to the window size.
+
+    Output 0 is the engine's background label (windows without tissue are never run and keep
+    it); its score is zero, so it only wins where every concept weight is zero. Output i + 1 is
+    the weight of concept i. The engine blends these maps across overlapping windows exactly like
+    probabilities and takes the argmax.
     """
 
     def __init__(
@@ -59,17 +65,22 @@ class FsegPredictor:
         self.concepts = torch.as_tensor(np.array(concepts, dtype=np.float32, copy=True), device=extractor.device)
         self.mode = mode
         self.scale_before_argmax = scale_before_argmax
-        k = int(self.concepts.shape[0])
-        self.num_outputs = k
-        self.class_names = concept_names(k)
-        self.colors = palette(k)
+        self.k = int(self.concepts.shape[0])
+        self.num_outputs = self.k + 1
+        self.class_names = [BACKGROUND_NAME, *concept_names(self.k)]
+        self.colors = [BACKGROUND_COLOR, *palette(self.k)]
         self.input_multiple = extractor.input_multiple
 
+    def concept_maps(self, batch: "torch.Tensor") -> "torch.Tensor":
+        """(B, k, h', w') concept scores at token resolution."""
+        features = self.extractor(batch)
+        return concept_scores(features, self.concepts.to(features.device), self.mode, self.scale_before_argmax)
+
     def predict(self, batch: "torch.Tensor") -> "torch.Tensor":
-        """Concept weight maps at the batch's size, on the batch's device."""
+        """Background + concept weight maps at the batch's size, on the batch's device."""
         import torch
 
-        features = self.extractor(batch)
-        scores = concept_scores(features, self.concepts.to(features.device), self.mode, self.scale_before_argmax)
+        scores = self.concept_maps(batch)
         maps = torch.nn.functional.interpolate(scores, size=tuple(batch.shape[-2:]), mode="bilinear", align_corners=False)
-        return maps.to(batch.device)
+        background = torch.zeros_like(maps[:, :1])
+        return torch.cat([background, maps], dim=1).to(batch.device)
