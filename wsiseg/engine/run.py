@@ -296,10 +296,10 @@ def run_slide(
     if not 0 <= background < predictor.num_outputs:
         raise WsisegError(f"background label {background} is not one of the {predictor.num_outputs} classes")
     paths = output_paths(out_dir, exports)
-    for path in paths.values():
-        check_writable(path, overwrite)
     torch_device = resolve_device(device)
     view = open_source(source, mpp, slide_mpp)
+    for path in paths.values():
+        check_writable(path, overwrite)
 
     with log_to_file(out_dir / LOG_NAME):
         log.info("segmenting %s (%s) at %g MPP: %dx%d px, %s mode", view.path, view.kind, mpp, view.width,

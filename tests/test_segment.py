@@ -1,0 +1,234 @@
+"""`segment_slide` end to end on real samples with a tiny ViT segmenter: outputs, blend equality, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsiseg.engine.blend import blend_in_memory, finalise, window_weights
+from wsiseg.engine.loader import partition
+from wsiseg.engine.predictors import BatchRunner, SegmenterPredictor
+from wsiseg.engine.run import run_slide, tissue_regions
+from wsiseg.engine.segment import segment_slide, segment_slides
+from wsiseg.errors import WsisegError
+from wsiseg.slide import open_slide
+from wsiseg.slide.grid import Grid
+from wsiseg.slide.tissue import tissue_mask
+from wsiseg.store.masks import MaskStore
+
+CLASSES = ["background", "tumour", "stroma"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on the shared 2-core machine, two threads thrash and run ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ViT segmenter (random weights, fixed seed) saved as a wsiseg checkpoint."""
+    from wsiseg.models.checkpoint import save_checkpoint
+    from wsiseg.models.segmenter import build_segmenter
+
+    torch.manual_seed(0)
+    config = {
+        "dataset": {"json": "unused.json", "num_classes": 3, "class_names": CLASSES, "mpp": 4.0},
+        "model": {"name": "timm:test_vit", "finetune_mode": "full", "input_size": 64, "decoder": "fused"},
+    }
+    model = build_segmenter(config["model"], 3)
+    path = tmp_path_factory.mktemp("model") / "tiny.pth"
+    save_checkpoint(path, model, config, CLASSES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint: Path) -> SegmenterPredictor:
+    from wsiseg.engine.segment import load_predictor
+
+    return load_predictor(checkpoint, device="cpu")[0]
+
+
+@pytest.fixture(scope="module")
+def he_png(samples: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 300 x 260 crop of the real H&E image with white background on its right, as a plain PNG (no MPP)."""
+    image = np.asarray(Image.open(samples["hgsc_image"]).convert("RGB"))[400:700, 300:560].copy()
+    image[:, 150:] = 255
+    path = tmp_path_factory.mktemp("png") / "he.png"
+    Image.fromarray(image).save(path)
+    return path
+
+
+def test_cmu_slide_end_to_end(samples: dict[str, Path], checkpoint: Path, tmp_path: Path) -> None:
+    import openslide
+    import tifffile
+
+    out = tmp_path / "cmu"
+    summary = segment_slide(samples["cmu_svs"], checkpoint, out, mpp=2.0, workers=1, batch_size=16,
+                            show_progress=False)
+    with open_slide(samples["cmu_svs"]) as slide:
+        width, height = slide.size_at(2.0)
+    store = MaskStore.open(out / "mask.zarr")
+    assert store.is_complete and store.level(0).shape == (height, width)
+    with openslide.OpenSlide(str(out / "mask.tif")) as mask:
+        assert mask.level_count >= 3 and mask.dimensions == (width, height)
+        assert float(mask.properties["openslide.mpp-x"]) == pytest.approx(2.0)
+        level0 = np.asarray(mask.read_region((0, 0), 0, (width, height)).convert("RGB"))
+    expected_rgb = np.asarray(store.colors, np.uint8)[store.level(0)[:]]
+    assert np.array_equal(level0, expected_rgb)  # the palette TIFF shows the labels in their colours
+    with tifffile.TiffFile(out / "mask.ome.tif") as tif:
+        assert tif.is_ome and len(tif.series[0].levels) == store.num_levels
+    assert Image.open(out / "overlay.png").size[1] >= min(height, 2048)
+    written = json.loads((out / "summary.json").read_text())
+    assert written["windows_run"] == written["windows_tissue"] == summary["windows_tissue"] > 0
+    assert written["windows_tissue"] < written["windows_total"]  # background windows were skipped
+    assert written["mpp"] == 2.0 and written["tiles_per_s"] > 0 and set(written["class_area_mm2"]) == set(CLASSES)
+    total_area = sum(written["class_area_mm2"].values())
+    assert total_area == pytest.approx(width * height * (2.0 / 1000) ** 2)
+    assert not list(out.glob(".*partial"))
+    with pytest.raises(WsisegError, match="--overwrite"):
+        segment_slide(samples["cmu_svs"], checkpoint, out, mpp=2.0, show_progress=False)
+
+
+def test_windowslide_equals_in_memory_gaussian_blend(he_png: Path, predictor: SegmenterPredictor, tmp_path: Path) -> None:
+    window, overlap, batch_size, mpp = 64, 0.25, 4, 2.0
+    run_slide(he_png, predictor, tmp_path / "out", mpp=mpp, window=window, overlap=overlap, batch_size=batch_size,
+              workers=0, slide_mpp=2.0, exports=(), save_probabilities=True, show_progress=False)
+    store = MaskStore.open(tmp_path / "out" / "mask.zarr")
+
+    slide = open_slide(he_png, 2.0)
+    image = slide.read(0, 0, *slide.size_at(mpp), mpp)
+    positions = Grid.from_overlap(image.shape[1], image.shape[0], window, overlap).tissue_positions(
+        tissue_mask(slide), mpp)
+    assert 0 < len(positions) < len(Grid.from_overlap(image.shape[1], image.shape[0], window, overlap))
+    padded = np.pad(image, ((0, window), (0, window), (0, 0)), constant_values=255)
+    scores = []
+    for batch in partition(len(positions), batch_size):
+        pixels = np.stack([padded[y : y + window, x : x + window] for x, y in (positions[i] for i in batch)])
+        tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+        scores.extend(predictor.predict(tensor).numpy())
+    total, weight_sum = blend_in_memory(scores, positions, image.shape[0], image.shape[1], window_weights(window))
+    labels, probabilities = finalise(total, weight_sum, background=0)
+    assert np.array_equal(store.level(0)[:], labels)
+    assert np.array_equal(store.probabilities[:], probabilities.astype(np.float16))
+    assert len(np.unique(labels)) > 1
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashingPredictor:
+    """The real predictor, but the process 'dies' after `batches` batches."""
+
+    def __init__(self, inner: SegmenterPredictor, batches: int) -> None:
+        self.inner, self.left = inner, batches
+        self.num_outputs, self.class_names, self.colors = inner.num_outputs, inner.class_names, inner.colors
+        self.input_multiple = inner.input_multiple
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.left == 0:
+            raise Crash("killed")
+        self.left -= 1
+        return self.inner.predict(batch)
+
+
+def test_killed_run_resumes_to_identical_output(he_png: Path, predictor: SegmenterPredictor, tmp_path: Path) -> None:
+    import tifffile
+
+    options = dict(mpp=2.0, window=64, overlap=0.25, batch_size=4, workers=0, slide_mpp=2.0, chunk=64,
+                   exports=("tiff",), save_probabilities=True, show_progress=False)
+    reference = run_slide(he_png, predictor, tmp_path / "clean", **options)
+    out = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        run_slide(he_png, CrashingPredictor(predictor, 4), out, **options)
+    assert not (out / "mask.zarr").exists() and not (out / "mask.tif").exists()
+    partial = MaskStore.open(out / ".mask.zarr.partial")
+    assert 0 < partial.rows_done < partial.height
+    resumed = run_slide(he_png, predictor, out, **options)
+    assert resumed["resumed_from_row"] == partial.rows_done
+    assert resumed["windows_run"] < reference["windows_run"]
+    clean, again = MaskStore.open(tmp_path / "clean" / "mask.zarr"), MaskStore.open(out / "mask.zarr")
+    for level in range(clean.num_levels):
+        assert np.array_equal(clean.level(level)[:], again.level(level)[:])
+    assert np.array_equal(clean.probabilities[:], again.probabilities[:])
+    assert clean.pixel_counts == again.pixel_counts
+    assert np.array_equal(tifffile.imread(out / "mask.tif"), tifffile.imread(tmp_path / "clean" / "mask.tif"))
+
+
+def test_resize_mode(samples: dict[str, Path], checkpoint: Path, tmp_path: Path) -> None:
+    summary = segment_slide(samples["cmu_svs"], checkpoint, tmp_path, mode="resize", exports=("png",),
+                            show_progress=False)
+    store = MaskStore.open(tmp_path / "mask.zarr")
+    with open_slide(samples["cmu_svs"]) as slide:
+        assert store.level(0).shape == slide.size_at(4.0)[::-1]
+        tissue = tissue_mask(slide)
+    assert summary["mode"] == "resize" and summary["windows_run"] >= 1
+    labels = store.level(0)[:]
+    regions = tissue_regions(tissue, 4.0, labels.shape[1], labels.shape[0])
+    assert summary["windows_run"] == len(regions)
+    inside = np.zeros(labels.shape, bool)
+    for x, y, w, h in regions:
+        inside[y : y + h, x : x + w] = True
+    assert (labels[~inside] == 0).all() and inside.mean() < 1  # outside every tissue region: background
+    assert (labels[inside] != 0).any()
+    assert (tmp_path / "overlay.png").is_file()
+
+
+def test_tile_store_input(samples: dict[str, Path], checkpoint: Path, tmp_path: Path) -> None:
+    from wsiseg.store.tiling import tile_slide
+
+    store_path = tmp_path / "cmu.zarr"
+    tile_slide(samples["cmu_svs"], store_path, 4.0, tile=128, workers=0, progress=False)
+    segment_slide(store_path, checkpoint, tmp_path / "from_store", exports=(), workers=0, show_progress=False)
+    segment_slide(samples["cmu_svs"], checkpoint, tmp_path / "from_slide", exports=(), workers=0, show_progress=False)
+    a = MaskStore.open(tmp_path / "from_store" / "mask.zarr").level(0)[:]
+    b = MaskStore.open(tmp_path / "from_slide" / "mask.zarr").level(0)[:]
+    assert a.shape == b.shape
+    # the store keeps tissue tiles only (white elsewhere), so windows at the tissue border may differ
+    assert (a == b).mean() > 0.95
+    with pytest.raises(WsisegError, match="MPP"):
+        segment_slide(store_path, checkpoint, tmp_path / "wrong", mpp=2.0, exports=(), show_progress=False)
+
+
+def test_several_slides_on_a_dask_cluster(he_png: Path, samples: dict[str, Path], checkpoint: Path,
+                                         tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    slides = [he_png, samples["unopenable_tiff"]]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as cluster:
+        results = segment_slides(slides, checkpoint, tmp_path, skip_errors=True, scheduler=cluster.scheduler_address,
+                                 slide_mpp=2.0, mpp=2.0, exports=(), workers=0)
+    assert [r["status"] for r in results] == ["ok", "failed"]
+    assert (tmp_path / "he" / "mask.zarr").is_dir() and not (tmp_path / "unopenable_tiff").exists()
+    assert "corrupt" in results[1]["error"]
+    with pytest.raises(WsisegError):
+        segment_slides(slides[::-1], checkpoint, tmp_path / "stop", slide_mpp=2.0, mpp=2.0, exports=(), workers=0)
+
+
+def test_batch_too_large_halves_and_says_so(predictor: SegmenterPredictor, caplog: pytest.LogCaptureFixture) -> None:
+    class SmallDevice:
+        num_outputs, class_names, colors = 3, CLASSES, None
+
+        def predict(self, batch: torch.Tensor) -> torch.Tensor:
+            if batch.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return predictor.predict(batch)
+
+    batch = torch.rand(5, 3, 64, 64)
+    runner = BatchRunner(SmallDevice(), 8)
+    with caplog.at_level(logging.WARNING, logger="wsiseg"):
+        scores = runner(batch)
+    assert runner.batch_size == 2
+    assert torch.allclose(scores, predictor.predict(batch), atol=1e-5)
+    assert any("does not fit in device memory" in r.getMessage() for r in caplog.records)
