@@ -24,10 +24,10 @@ OME_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 
 
 
 def on_white(rgba: np.ndarray) -> np.ndarray:
-    """Composite straight-alpha RGBA onto white, returning RGB uint8."""
+    """Composite straight-alpha RGBA onto white, returning RGB uint8 (a view of `rgba` where it is opaque)."""
     alpha = rgba[..., 3:4]
     if alpha.min() == 255:
-        return np.ascontiguousarray(rgba[..., :3])
+        return rgba[..., :3]
     a = alpha.astype(np.uint16)
     rgb = rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a)
     return ((rgb + 127) // 255).astype(np.uint8)

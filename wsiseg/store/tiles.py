@@ -12,6 +12,8 @@ Layout of `NAME.zarr`:
 from __future__ import annotations
 
 import math
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +75,6 @@ def create_store(path: Path, settings: dict[str, Any], tissue: TissueMask) -> Ti
         fill_value=255,
         compressors=None,
         dimension_names=("c", "y", "x"),
-        config={"write_empty_chunks": True},
     )
     mask = group.create_array(
         TISSUE, shape=tissue.mask.shape, chunks=tissue.mask.shape, dtype="uint8", fill_value=0,
@@ -183,23 +184,54 @@ class TileStore:
         return self.path / IMAGE / key
 
     def stored_tiles(self, positions: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """The positions whose chunk exists and decodes (a chunk cut short by a crash is removed)."""
+        """The positions whose chunk file is there, whole (chunks are written through a temporary name)."""
+        size = 3 * self.tile * self.tile
         stored = []
         for x, y in positions:
             chunk = self.chunk_file(x, y)
-            if not chunk.is_file():
-                continue
-            try:
-                self.array[:, y : y + self.tile, x : x + self.tile]
-            except Exception:  # noqa: BLE001 - any decoding failure means the chunk must be written again
-                chunk.unlink()
-                continue
-            stored.append((x, y))
+            if chunk.is_file() and chunk.stat().st_size == size:
+                stored.append((x, y))
         return stored
+
+    def remove_temporaries(self) -> None:
+        """Delete temporary chunk files a killed writer left behind."""
+        for temporary in (self.path / IMAGE).rglob(".*.tmp"):
+            temporary.unlink()
 
     def tissue_tiles(self) -> list[tuple[int, int]]:
         """Positions of the tiles holding tissue: the ones a complete store has written."""
         return self.grid.tissue_positions(self.tissue, self.mpp)
+
+
+class ChunkWriter:
+    """Writes tiles of a store's image, each into its own chunk file, atomically (temporary name, rename).
+
+    Concurrent writers never touch the same file, and a killed writer leaves either no chunk or a
+    whole one (never a cut one), so resuming only needs to look at which chunk files exist.
+    """
+
+    def __init__(self, array_path: str | Path) -> None:
+        self.root = Path(array_path)
+        metadata = zarr.open_array(str(self.root), mode="r").metadata
+        if [codec.to_dict()["name"] for codec in metadata.codecs] != ["bytes"] or metadata.dtype.to_native_dtype() != np.uint8:
+            raise ValueError(f"{self.root} is not an uncompressed uint8 tile array")
+        self.encode_key = metadata.chunk_key_encoding.encode_chunk_key
+        self.channels, self.tile, _ = metadata.chunk_grid.chunk_shape  # type: ignore[attr-defined]
+
+    def write(self, x: int, y: int, pixels: np.ndarray) -> None:
+        """Store RGB `pixels` (h, w, 3) as the chunk whose corner is (x, y); the rest of the chunk is white."""
+        height, width = pixels.shape[:2]
+        if (height, width) == (self.tile, self.tile):
+            chunk = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        else:
+            chunk = np.full((self.channels, self.tile, self.tile), 255, np.uint8)
+            chunk[:, :height, :width] = pixels.transpose(2, 0, 1)
+        target = self.root / self.encode_key((0, y // self.tile, x // self.tile))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(temporary, "wb") as handle:
+            handle.write(chunk.data)
+        os.replace(temporary, target)
 
 
 def mark_complete(path: Path) -> None:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import zarr
 
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import check_writable, partial_path, publish, remove
@@ -20,7 +19,7 @@ from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.slide.grid import Grid
 from wsiseg.slide.reader import Slide, open_slide
 from wsiseg.slide.tissue import TissueMask, load_mask, qc_picture, save_png, tissue_mask
-from wsiseg.store.tiles import IMAGE, QC_PICTURE, TileStore, create_store, mark_complete
+from wsiseg.store.tiles import IMAGE, QC_PICTURE, ChunkWriter, TileStore, create_store, mark_complete
 
 log = get_logger("tile")
 
@@ -44,7 +43,7 @@ class TileResult:
 
 # --- worker side ------------------------------------------------------------------------------
 _WORKER_SLIDES: dict[tuple[str, float | None], Slide] = {}
-_WORKER_ARRAYS: dict[tuple[str, tuple[int, ...]], zarr.Array] = {}
+_WORKER_WRITERS: dict[tuple[str, tuple[int, ...]], ChunkWriter] = {}
 
 
 def _worker_slide(slide: Slide) -> Slide:
@@ -55,11 +54,11 @@ def _worker_slide(slide: Slide) -> Slide:
     return _WORKER_SLIDES[key]
 
 
-def _worker_array(path: str, shape: tuple[int, ...]) -> zarr.Array:
+def _worker_writer(path: str, shape: tuple[int, ...]) -> ChunkWriter:
     key = (path, shape)
-    if key not in _WORKER_ARRAYS:
-        _WORKER_ARRAYS[key] = zarr.open_array(path, mode="r+")
-    return _WORKER_ARRAYS[key]
+    if key not in _WORKER_WRITERS:
+        _WORKER_WRITERS[key] = ChunkWriter(path)
+    return _WORKER_WRITERS[key]
 
 
 def write_tiles(
@@ -67,11 +66,10 @@ def write_tiles(
 ) -> int:
     """Read tiles at `mpp` and write each into its own chunk (so concurrent tasks never share one)."""
     reader = _worker_slide(slide)
-    array = _worker_array(array_path, shape)
+    writer = _worker_writer(array_path, shape)
     _, height, width = shape
     for x, y in positions:
-        w, h = min(tile, width - x), min(tile, height - y)
-        array[:, y : y + h, x : x + w] = reader.read(x, y, w, h, mpp).transpose(2, 0, 1)
+        writer.write(x, y, reader.read(x, y, min(tile, width - x), min(tile, height - y), mpp))
     return len(positions)
 
 
@@ -236,6 +234,7 @@ def tile_slide(
             store = _new_store(partial, slide, settings, tissue, source)
         else:
             log.info("%s: resuming the interrupted run in %s", slide.path.name, partial)
+            store.remove_temporaries()
         positions = store.tissue_tiles()
         missing = sorted(set(positions) - set(store.stored_tiles(positions)), key=lambda p: (p[1], p[0]))
         log.info(
