@@ -111,7 +111,10 @@ HF_BLOCK = {
     "mlp.fc2": "mlp.fc2",
     "mlp.weights_in": "mlp.fc1",
     "mlp.weights_out": "mlp.fc2",
+    "attention.o_proj": "attn.proj",
+    "mlp.down_proj": "mlp.fc2",
 }
+HF_QKV = {"query": "query", "key": "key", "value": "value", "q_proj": "query", "k_proj": "key", "v_proj": "value"}
 HF_TOP = {
     "embeddings.cls_token": "cls_token",
     "embeddings.register_tokens": "reg_token",
@@ -127,7 +130,10 @@ HF_DROPPED = ("embeddings.mask_token", "pooler.dense.weight", "pooler.dense.bias
 def remap_hf(state: dict[str, Any], model: Any) -> dict[str, Any]:
     """Translate Hugging Face ViTModel / Dinov2Model keys to timm VisionTransformer keys.
 
-    Query, key and value are concatenated into timm's fused qkv. The pooler and the mask token
+    Both the files on the hub (`encoder.layer.N.attention.attention.query`) and the in-memory
+    names of transformers 5 (`layers.N.attention.q_proj`) are understood.
+    Query, key and value are concatenated into timm's fused qkv, SwiGLU gate and up
+    projections into timm's packed fc1 (gate first, as timm's SwiGLUPacked expects). The pooler and the mask token
     are not part of the trunk and are dropped. For timm models without a class position
     (`no_embed_class`), the class position embedding is folded into the class token, which
     is exact since both are constants added to the same token.
@@ -139,7 +145,8 @@ def remap_hf(state: dict[str, Any], model: Any) -> dict[str, Any]:
     state = {k[len(base):]: v for k, v in state.items() if k.startswith(base)}
     out: dict[str, Any] = {}
     qkv: dict[tuple[int, str], dict[str, Any]] = {}
-    pattern = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
+    glu: dict[tuple[int, str], dict[str, Any]] = {}
+    pattern = re.compile(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
     for key, value in state.items():
         if key in HF_DROPPED:
             continue
@@ -152,8 +159,10 @@ def remap_hf(state: dict[str, Any], model: Any) -> dict[str, Any]:
             continue
         index, module, kind = int(match[1]), match[2], match[3]
         part = module.rsplit(".", 1)[-1]
-        if module.startswith("attention.attention.") and part in ("query", "key", "value"):
-            qkv.setdefault((index, kind), {})[part] = value
+        if module.startswith("attention.") and part in HF_QKV:
+            qkv.setdefault((index, kind), {})[HF_QKV[part]] = value
+        elif module in ("mlp.gate_proj", "mlp.up_proj"):
+            glu.setdefault((index, kind), {})[part] = value
         elif kind == "lambda1":
             out[f"blocks.{index}.{HF_BLOCK[module + '.lambda1']}"] = value
         elif module in HF_BLOCK:
@@ -164,6 +173,10 @@ def remap_hf(state: dict[str, Any], model: Any) -> dict[str, Any]:
         if len(parts) != 3:
             raise WsisegError(f"layer {index} of the Hugging Face checkpoint lacks one of query/key/value {kind}; the file is incomplete")
         out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    for (index, kind), parts in glu.items():
+        if len(parts) != 2:
+            raise WsisegError(f"layer {index} of the Hugging Face checkpoint lacks gate_proj or up_proj {kind}; the file is incomplete")
+        out[f"blocks.{index}.mlp.fc1.{kind}"] = torch.cat([parts["gate_proj"], parts["up_proj"]], dim=0)
     if "reg_token" in out and out["reg_token"].dim() == 2:
         out["reg_token"] = out["reg_token"].unsqueeze(0)
     if getattr(model, "no_embed_class", False) and "pos_embed" in out and "cls_token" in out:
@@ -190,20 +203,18 @@ def remap_in_order(state: dict[str, Any], model_state: dict[str, Any], source: s
     return out
 
 
-def _image_size_from(state: dict[str, Any], name: str) -> int | None:
-    """The native image size implied by a checkpoint's position embeddings (square grids only)."""
-    from wsiseg.models.registry import create
-
+def _image_size_from(state: dict[str, Any], skeleton: Any) -> int | None:
+    """The native image size implied by a checkpoint's position embeddings, when it differs from the build's."""
     pos = state.get("pos_embed")
     if pos is None or pos.dim() != 3:
         return None
-    skeleton = create(name, "meta")
     patch = skeleton.patch_embed.patch_size[0]
-    tokens = pos.shape[1] - (0 if getattr(skeleton, "no_embed_class", False) else skeleton.num_prefix_tokens)
-    side = round(tokens ** 0.5)
-    if side * side != tokens or side * patch == skeleton.patch_embed.img_size[0]:
-        return None
-    return side * patch
+    own = 0 if getattr(skeleton, "no_embed_class", False) else skeleton.num_prefix_tokens
+    for extra in (own, 1):  # a Hugging Face class position not folded yet counts as 1
+        side = round((pos.shape[1] - extra) ** 0.5)
+        if side * side == pos.shape[1] - extra:
+            return None if side * patch == skeleton.patch_embed.img_size[0] else side * patch
+    return None
 
 
 def check_fit(state: dict[str, Any], model_state: dict[str, Any], source: str, name: str) -> None:
@@ -234,7 +245,7 @@ def load_backbone_weights(name: str, path: Path, device: str = "cpu", **kwargs: 
     raw = strip_prefixes(unwrap(read_state_dict(source)))
     skeleton = create(name, "meta", **kwargs)
     state = remap_hf(raw, skeleton) if is_hf_layout(raw) else raw
-    image_size = _image_size_from(state, name) if "img_size" not in kwargs else None
+    image_size = _image_size_from(state, skeleton) if "img_size" not in kwargs else None
     if image_size:
         log.info("%s: checkpoint position embeddings are for %d px; building at that size", name, image_size)
         skeleton = create(name, "meta", img_size=image_size, **kwargs)

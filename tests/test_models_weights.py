@@ -1,0 +1,175 @@
+"""Loading backbone weights from local files: layouts, wrappers, prefixes, remaps and refusals."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from wsiseg.errors import WsisegError
+from wsiseg.models import registry, weights
+from wsiseg.models.weights import load_backbone_weights
+
+TINY = "timm:vit_tiny_patch16_224"
+VITS = [n for n in registry.names() if n not in ("musk", "efficientnet_lite0_imagenet")]
+
+
+def wrapped_variants(state: dict) -> dict[str, dict]:
+    """The ways users' checkpoints wrap and prefix a state dict."""
+    return {
+        "plain": state,
+        "model": {"model": state, "epoch": 3},
+        "state_dict+module": {"state_dict": {f"module.{k}": v for k, v in state.items()}},
+        "teacher+backbone": {"teacher": {**{f"backbone.{k}": v for k, v in state.items()},
+                                         "head.mlp.0.weight": torch.zeros(2, 2)}, "student": {}},
+    }
+
+
+@pytest.mark.parametrize("name", VITS)
+def test_real_size_state_dict_fits_on_meta(name: str) -> None:
+    """A state dict of the real-size trunk, wrapped or prefixed, fits the loader's skeleton (no data)."""
+    target = registry.create(name, "meta")
+    expected = target.state_dict()
+    for label, variant in wrapped_variants(dict(expected)).items():
+        state = weights.strip_prefixes(weights.unwrap(variant))
+        weights.check_fit(state, expected, label, name)
+    target.load_state_dict(state, strict=True, assign=True)
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return registry.create(TINY, "cpu", depth=2).eval()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".bin", ".safetensors"])
+def test_tiny_round_trip_each_format_and_wrapper(tmp_path: Path, suffix: str) -> None:
+    model = tiny_model()
+    x = torch.rand(1, 3, 32, 48)
+    expected = model.forward_features(x)
+    for label, variant in wrapped_variants(model.state_dict()).items():
+        path = tmp_path / f"{label}{suffix}"
+        if suffix == ".safetensors":
+            if label != "plain":
+                continue
+            save_file({k: v.contiguous() for k, v in variant.items()}, str(path))
+        else:
+            torch.save(variant, path)
+        loaded = load_backbone_weights(TINY, path, depth=2).eval()
+        assert not any(p.is_meta for p in loaded.parameters())
+        torch.testing.assert_close(loaded.forward_features(x), expected, rtol=0, atol=0)
+
+
+def test_half_precision_checkpoint_loads_as_float32(tmp_path: Path) -> None:
+    model = tiny_model()
+    torch.save(model.half().state_dict(), tmp_path / "fp16.pth")
+    assert load_backbone_weights(TINY, tmp_path / "fp16.pth", depth=2).pos_embed.dtype == torch.float32
+
+
+def test_positional_grid_size_read_from_checkpoint(tmp_path: Path) -> None:
+    torch.save(registry.create(TINY, "cpu", depth=2, img_size=448).state_dict(), tmp_path / "w.pth")
+    model = load_backbone_weights(TINY, tmp_path / "w.pth", depth=2)
+    assert model.pos_embed.shape[1] == 1 + 28 * 28
+
+
+def test_other_architecture_lists_the_problems(tmp_path: Path) -> None:
+    torch.save(registry.create("timm:vit_small_patch16_224", "cpu", depth=2).state_dict(), tmp_path / "small.pth")
+    with pytest.raises(WsisegError) as error:
+        load_backbone_weights(TINY, tmp_path / "small.pth", depth=3)
+    message = str(error.value)
+    assert "missing (blocks.2." in message and "shape mismatches" in message and "pos_embed" in message
+
+
+def test_unexpected_keys_are_refused(tmp_path: Path) -> None:
+    state = tiny_model().state_dict()
+    state["extra.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "extra.pth")
+    with pytest.raises(WsisegError, match="1 unexpected \\(extra.weight\\)"):
+        load_backbone_weights(TINY, tmp_path / "extra.pth", depth=2)
+
+
+def test_missing_and_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(WsisegError, match="weights not found"):
+        load_backbone_weights(TINY, tmp_path / "nope.pth")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(WsisegError, match="corrupt"):
+        load_backbone_weights(TINY, tmp_path / "bad.pth")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(WsisegError, match="corrupt"):
+        load_backbone_weights(TINY, tmp_path / "bad.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WsisegError, match="no weights file"):
+        load_backbone_weights(TINY, tmp_path / "empty")
+
+
+def test_random_init_only_when_asked_and_warned(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="wsiseg"):
+        model = registry.build_backbone("kaiko-vits16", None, device="cpu")
+    assert not any(p.is_meta for p in model.parameters())
+    assert "randomly initialised" in caplog.text
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_cases() -> dict:
+    """Tiny Hugging Face models (random weights) and the timm arguments of the same architecture."""
+    from timm.layers import SwiGLUPacked
+
+    common = dict(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, image_size=64, patch_size=16)
+    layerscale = dict(depth=2, init_values=1e-5)
+    return {
+        "ViTModel": (lambda: transformers.ViTModel(transformers.ViTConfig(intermediate_size=768, **common)),
+                     dict(depth=2, norm_layer=partial(torch.nn.LayerNorm, eps=1e-12))),
+        "Dinov2Model": (lambda: transformers.Dinov2Model(transformers.Dinov2Config(**common)), layerscale),
+        "Dinov2Model-swiglu": (
+            lambda: transformers.Dinov2Model(transformers.Dinov2Config(use_swiglu_ffn=True, **common)),
+            dict(layerscale, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=1024 / 192)),
+        "Dinov2WithRegisters": (
+            lambda: transformers.Dinov2WithRegistersModel(
+                transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **common)),
+            dict(layerscale, reg_tokens=4, no_embed_class=True)),
+    }
+
+
+@pytest.mark.parametrize("case", ["ViTModel", "Dinov2Model", "Dinov2Model-swiglu", "Dinov2WithRegisters"])
+def test_hf_directory_remap_gives_identical_tokens(tmp_path: Path, case: str) -> None:
+    make, timm_args = hf_cases()[case]
+    torch.manual_seed(0)
+    hf = make().eval()
+    for parameter in hf.parameters():
+        parameter.data.normal_(0, 0.05)
+    hf.save_pretrained(tmp_path / "folder")  # the hub's file layout
+    torch.save(hf.state_dict(), tmp_path / "memory.pth")  # transformers 5 in-memory names
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = hf(pixel_values=x).last_hidden_state
+        for source in (tmp_path / "folder", tmp_path / "memory.pth"):
+            model = load_backbone_weights(TINY, source, **timm_args).eval()
+            torch.testing.assert_close(model.forward_features(x), expected, atol=1e-5, rtol=1e-5)
+
+
+HF_REAL = {
+    "phikon": lambda t: t.ViTModel(t.ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                               intermediate_size=3072, image_size=224, patch_size=16)),
+    "phikon_v2": lambda t: t.Dinov2Model(t.Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                                        image_size=224, patch_size=16)),
+    "midnight12k": lambda t: t.Dinov2Model(t.Dinov2Config(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24,
+                                                          image_size=224, patch_size=14, use_swiglu_ffn=True)),
+    "hibou_l": lambda t: t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=224, patch_size=14,
+        num_register_tokens=4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HF_REAL))
+def test_hf_layout_of_real_size_fits_registry_entry(name: str, tmp_path: Path) -> None:
+    """The Hugging Face layout of each HF-format PFM, built on meta at real size, remaps onto its entry."""
+    with torch.device("meta"):
+        hf = HF_REAL[name](transformers)
+    state = weights.strip_prefixes(weights.unwrap(hf.state_dict()))
+    target = registry.create(name, "meta")
+    remapped = weights.remap_hf(state, target)
+    weights.check_fit(remapped, target.state_dict(), "hf", name)
