@@ -83,3 +83,30 @@ def test_modes_shapes_and_meaning() -> None:
     assert torch.allclose(scaled.amax(dim=(2, 3)), torch.ones(2, 3))
     assert nearest(features, concepts).max() <= 1.0 + 1e-5
     assert (nmf(features, concepts) >= 0).all()
+
+
+@pytest.fixture(scope="module")
+def real_tokens(samples: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReLU'd EfficientNet-Lite0 token features of two windows of the real CMU slide."""
+    from wsiseg.fseg.features import load_extractor
+    from wsiseg.slide import open_slide
+
+    extractor = load_extractor(device="cpu")
+    with open_slide(samples["cmu_svs"]) as slide:
+        pixels = np.stack([slide.read(x, y, 384, 384, 0.5) for x, y in [(700, 1400), (300, 1900)]])
+    batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    features = extractor(batch)
+    return tuple(f.reshape(f.shape[0], -1).T.contiguous() for f in features)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("k", [8, 32])
+def test_project_matches_scipy_on_real_features(real_tokens: tuple[torch.Tensor, torch.Tensor], k: int) -> None:
+    from wsiseg.fseg.kmeans import multi_kmeans
+
+    fit_on, tokens = real_tokens
+    bank = multi_kmeans(fit_on, [k], seed=0)[k]
+    weights = project(tokens, bank).numpy()
+    expected = reference(tokens.numpy(), bank.numpy())
+    assert tokens.shape == (144, 320)
+    assert 0 < (expected == 0).mean() < 1
+    np.testing.assert_allclose(weights, expected, atol=1e-4, rtol=0)
