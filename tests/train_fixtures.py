@@ -59,3 +59,16 @@ def make_config(root: Path, json_path: Path, backbone: str = "efficientnet_lite0
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def train_tiny(root: Path, samples: dict[str, Path], epochs: int = 1, **sections: dict) -> dict[str, Any]:
+    """Train the tiny config for `epochs` on the tiny data set; returns the run summary (with the config path)."""
+    from wsiseg.train.trainer import train_model
+
+    json_path = make_dataset(root / "data", samples)
+    training = {"epochs": epochs, **sections.pop("training", {})}
+    config = make_config(root, json_path, training=training, **sections)
+    summary = train_model(config)
+    summary["config"] = config
+    summary["json"] = json_path
+    return summary

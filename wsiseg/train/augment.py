@@ -44,7 +44,7 @@ def random_resized_crop(image: torch.Tensor, mask: torch.Tensor, size: int, igno
     image = image[:, y : y + h, x : x + w]
     mask = mask[y : y + h, x : x + w]
     image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-    mask = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+    mask = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest-exact")[0, 0].long()
     return image.clamp_(0, 1), mask
 
 

@@ -276,6 +276,9 @@ class Trainer:
         self.history = list(state["history"])
         self.best, self.best_epoch = state["best"], state["best_epoch"]
         set_rng_state(state["rng"])
+        if self.dist.main:
+            lines = "".join(json.dumps(record) + "\n" for record in self.history)
+            (self.out / "metrics.jsonl").write_text(lines)
         log.info("resumed from %s after epoch %d of %d", path, self.epoch, self.config["training"]["epochs"])
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
@@ -449,6 +452,10 @@ def train_model(config: str | Path | dict[str, Any], resume: str | Path | None =
         config = load_config(config)
     if device is not None:
         config["system"]["device"] = device
+    if resume is not None:
+        from wsiseg.models.checkpoint import read_checkpoint
+
+        check_compatible(read_checkpoint(resume)["config"], config, Path(resume))
     dist = Distributed()
     try:
         chosen = resolve_device(config["system"]["device"])

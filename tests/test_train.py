@@ -1,0 +1,108 @@
+"""The training loop on real tiles: output tree, exact resume, refusals, and CLI user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import assert_user_error, run_cli
+from tests.train_fixtures import make_config, make_dataset, train_tiny
+from wsiseg.errors import WsisegError
+from wsiseg.models.checkpoint import load_segmenter, read_checkpoint
+from wsiseg.train import trainer as trainer_module
+from wsiseg.train.trainer import train_model
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, samples: dict[str, Path]) -> dict:
+    return train_tiny(tmp_path_factory.mktemp("full"), samples, epochs=2)
+
+
+def test_output_tree(uninterrupted: dict) -> None:
+    out = Path(uninterrupted["output_dir"])
+    for name in ("config.yaml", "training.log", "metrics.jsonl", "training_history.png",
+                 "checkpoints/last.pth", "checkpoints/best_model.pth"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "visualizations").iterdir()) == ["epoch001_val_0.png", "epoch002_val_0.png"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert set(lines[-1]["val"]) >= {"mdice", "dice_no_bg", "miou", "kappa", "per_class", "confusion_matrix"}
+    assert lines[-1]["train_images_per_s"] > 0
+    log = (out / "training.log").read_text()
+    assert "epoch 2/2 loss" in log and "val mdice" in log
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["training"]["epochs"] == 2 and saved["dataset"]["num_classes"] == 4
+    best = read_checkpoint(out / "checkpoints" / "best_model.pth")
+    assert best["extra"]["metric"] == "mdice"
+    assert best["extra"]["value"] == pytest.approx(max(line["val"]["mdice"] for line in lines))
+    model = load_segmenter(None, out / "checkpoints" / "best_model.pth")
+    assert model.num_classes == 4 and model.class_names[3] == "neoplastic"
+
+
+def test_interrupted_then_resumed_run_ends_identical(tmp_path: Path, samples: dict[str, Path], uninterrupted: dict,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    original = trainer_module.Trainer.train_one_epoch
+
+    def crash_in_second_epoch(self, epoch: int):  # type: ignore[no-untyped-def]
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(tmp_path, samples, epochs=2)
+    monkeypatch.setattr(trainer_module.Trainer, "train_one_epoch", original)
+    last = tmp_path / "run" / "checkpoints" / "last.pth"
+    assert read_checkpoint(last)["extra"]["epoch"] == 1
+    resumed = train_model(tmp_path / "config.yaml", resume=last)
+    assert resumed["epochs"] == 2
+    full, again = uninterrupted["last"], resumed["last"]
+    assert again["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
+    assert again["val"]["confusion_matrix"] == full["val"]["confusion_matrix"]
+    a = read_checkpoint(Path(uninterrupted["output_dir"]) / "checkpoints" / "last.pth")
+    b = read_checkpoint(last)
+    for key, tensor in a["decoder"].items():
+        torch.testing.assert_close(b["decoder"][key], tensor, rtol=1e-5, atol=1e-6)
+    history = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_existing_run_is_not_overwritten(uninterrupted: dict) -> None:
+    with pytest.raises(WsisegError, match="already holds a run: pass --resume"):
+        train_model(uninterrupted["config"])
+
+
+def test_resume_refuses_another_class_count(tmp_path: Path, samples: dict[str, Path], uninterrupted: dict) -> None:
+    json_path = make_dataset(tmp_path / "data", samples)
+    document = json.loads(json_path.read_text())
+    config = make_config(tmp_path, json_path, dataset={"num_classes": 5, "class_names": None})
+    with pytest.raises(WsisegError, match="dataset.num_classes = 4 but the config has 5"):
+        train_model(config, resume=Path(uninterrupted["output_dir"]) / "checkpoints" / "last.pth")
+    assert document["train"]
+
+
+def test_unreadable_training_image_is_named(tmp_path: Path, samples: dict[str, Path]) -> None:
+    json_path = make_dataset(tmp_path / "data", samples)
+    (tmp_path / "data" / "images" / "train_1.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(WsisegError, match=r"cannot read image .*train_1.png"):
+        train_model(make_config(tmp_path, json_path))
+
+
+def test_cli_user_errors(tmp_path: Path, samples: dict[str, Path]) -> None:
+    json_path = make_dataset(tmp_path / "data", samples)
+    config = make_config(tmp_path, json_path)
+    raw = yaml.safe_load(config.read_text())
+    raw["training"]["ephocs"] = 3
+    config.write_text(yaml.safe_dump(raw))
+    assert_user_error(run_cli("train", config), "training.ephocs", "did you mean 'epochs'")
+    raw["training"].pop("ephocs")
+    config.write_text(yaml.safe_dump(raw))
+    document = json.loads(json_path.read_text())
+    document["train"] = []
+    json_path.write_text(json.dumps(document))
+    with pytest.raises(WsisegError, match="split 'train' .* is empty"):
+        train_model(config)
