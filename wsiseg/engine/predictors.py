@@ -60,6 +60,7 @@ class SegmenterPredictor:
         self.colors = [tuple(int(v) for v in c[:3]) for c in colors] if colors else None
         self.precision = precision
         self.input_multiple = int(getattr(model, "input_multiple", 1) or 1)
+        self.config: dict[str, Any] | None = None  # the training config, when loaded from a checkpoint
 
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         """Softmax over classes of the model's logits (float32)."""

@@ -64,7 +64,9 @@ def load_predictor(
             )
     model = load_segmenter(user, checkpoint, device=str(device))
     precision = precision or effective.get("system", {}).get("precision", "auto")
-    return SegmenterPredictor(model, class_names, precision=precision), effective
+    predictor = SegmenterPredictor(model, class_names, precision=precision)
+    predictor.config = effective
+    return predictor, effective
 
 
 def segment_slide(
@@ -92,14 +94,14 @@ def segment_slide(
     """Segment one slide (file or tile store) with a trained checkpoint into folder `out`; returns the summary.
 
     MPP and window default to the config's `dataset.mpp` and `model.input_size` (the training
-    config stored in the checkpoint unless `config` is given). `predictor` reuses an already
-    loaded model (as returned by `load_predictor`).
+    config stored in the checkpoint unless `config` is given). `predictor` reuses a model
+    already loaded by `load_predictor` (whose `.config` then gives those defaults).
     """
     torch_device = resolve_device(device)
     if predictor is None:
         predictor, effective = load_predictor(checkpoint, config, torch_device, precision)
     else:
-        effective = _load_config(config) or {}
+        effective = getattr(predictor, "config", None) or _load_config(config) or {}
     mpp = float(mpp if mpp is not None else effective.get("dataset", {}).get("mpp", 0.5))
     window = int(window if window is not None else effective.get("model", {}).get("input_size", 224))
     checkpoint = Path(checkpoint)

@@ -1,0 +1,98 @@
+"""`evaluate_mask`: a mask store against annotated tiles (PNG + slide coordinates) or GeoJSON class polygons."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsiseg.engine.evaluate import evaluate_mask
+from wsiseg.errors import WsisegError
+from wsiseg.export.geojson import write_geojson
+from wsiseg.store.masks import MaskStore
+
+SLIDE_MPP, MASK_MPP, ORIGIN = 0.5, 2.0, (40, 24)
+
+
+@pytest.fixture()
+def mask(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    rng = np.random.default_rng(4)
+    labels = np.zeros((120, 100), np.uint8)
+    for _ in range(12):  # blobs of classes 1 and 2
+        y, x = rng.integers(0, 110), rng.integers(0, 90)
+        labels[y : y + rng.integers(5, 30), x : x + rng.integers(5, 30)] = rng.integers(1, 3)
+    path = tmp_path / "mask.zarr"
+    store = MaskStore.create(path, 100, 120, MASK_MPP, ["background", "tumour", "stroma"], slide_mpp=SLIDE_MPP,
+                             origin=ORIGIN, chunk=64)
+    store.write_rows(0, labels)
+    store.finish()
+    return path, labels
+
+
+def _tile(folder: Path, name: str, labels: np.ndarray, mask_x: int, mask_y: int, size: int, sidecar: bool = True) -> dict:
+    """An annotated tile at twice the mask's resolution (1 MPP), cut from `labels` at mask pixel (x, y)."""
+    crop = labels[mask_y : mask_y + size, mask_x : mask_x + size]
+    tile = np.repeat(np.repeat(crop, 2, axis=0), 2, axis=1)
+    Image.fromarray(tile).save(folder / f"{name}.png")
+    scale = MASK_MPP / SLIDE_MPP  # slide level-0 px per mask px
+    entry = {"x": ORIGIN[0] + mask_x * scale, "y": ORIGIN[1] + mask_y * scale, "mpp": 1.0}
+    if sidecar:
+        (folder / f"{name}.json").write_text(json.dumps(entry))
+    return {**entry, "mask": f"{name}.png"}
+
+
+def test_annotated_tiles(mask: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, labels = mask
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    _tile(folder, "a", labels, 10, 20, 40)
+    _tile(folder, "b", labels, 50, 60, 45)
+    result = evaluate_mask(path, folder)
+    assert result["regions"] == 2
+    assert result["metrics"]["mdice"] == pytest.approx(1.0) and result["metrics"]["pixel_acc"] == 1.0
+    assert result["metrics"]["pixels"] == (80 * 80 + 90 * 90)
+
+    # a wrong annotation: tile b says "stroma" everywhere, and 255 (ignored) in one corner
+    wrong = np.full((90, 90), 2, np.uint8)
+    wrong[:10, :10] = 255
+    Image.fromarray(wrong).save(folder / "b.png")
+    confusion = np.asarray(evaluate_mask(path, folder)["confusion"])
+    crop = labels[60:105, 50:95]
+    expected_b = np.bincount(np.repeat(np.repeat(crop, 2, 0), 2, 1)[10:, :].ravel(), minlength=3)
+    corner = np.repeat(np.repeat(crop, 2, 0), 2, 1)[:10, 10:]
+    expected_b += np.bincount(corner.ravel(), minlength=3)
+    assert confusion[2].tolist() == (expected_b + np.bincount(labels[20:60, 10:50].ravel(), minlength=3)
+                                     * 4 * (np.arange(3) == 2)).tolist()
+
+
+def test_tile_index_and_geojson(mask: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, labels = mask
+    folder = tmp_path / "indexed"
+    folder.mkdir()
+    entries = [_tile(folder, "only", labels, 0, 0, 100, sidecar=False)]
+    (folder / "tiles.json").write_text(json.dumps(entries))
+    assert evaluate_mask(path, folder)["metrics"]["pixel_acc"] == 1.0
+
+    geojson = write_geojson(MaskStore.open(path), tmp_path / "regions.geojson", simplify=0.0)
+    result = evaluate_mask(path, geojson)
+    # polygons traced through pixel-edge midpoints contain exactly the pixel centres of their class
+    assert result["metrics"]["pixel_acc"] == 1.0 and result["metrics"]["pixels"] == int((labels > 0).sum())
+
+
+def test_bad_annotations(mask: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, _ = mask
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(WsisegError, match="no annotated tiles"):
+        evaluate_mask(path, empty)
+    foreign = tmp_path / "foreign.geojson"
+    foreign.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {"classification": {"name": "necrosis"}},
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [50, 0], [50, 50], [0, 0]]]}}]}))
+    with pytest.raises(WsisegError, match="necrosis"):
+        evaluate_mask(path, foreign)
+    with pytest.raises(WsisegError, match="not found"):
+        evaluate_mask(path, tmp_path / "missing.geojson")
