@@ -157,6 +157,20 @@ def test_dask_workers_write_every_chunk(samples, tmp_path):
                               _tissue_only(slide.read(0, 0, store.width, store.height, 0.5), positions, 256))
 
 
+def test_existing_scheduler_with_threaded_workers(samples, tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        store = tile_slide(samples["cmu_pyramid_tiff"], tmp_path / "s.zarr", 1.0, tile=128,
+                           scheduler=cluster.scheduler_address, progress=False)
+    positions = store.tissue_tiles()
+    assert len(positions) > 30 and len(store.stored_tiles(positions)) == len(positions)
+    with open_slide(samples["cmu_pyramid_tiff"]) as slide:
+        for x, y in positions:
+            w, h = min(128, store.width - x), min(128, store.height - y)
+            assert np.array_equal(store.read(x, y, w, h), slide.read(x, y, w, h, 1.0)), (x, y)
+
+
 def _tissue_only(image: np.ndarray, positions, tile: int) -> np.ndarray:
     out = np.full_like(image, 255)
     for x, y in positions:

@@ -53,6 +53,10 @@ def info_command(slide: Path, slide_mpp: float | None, as_json: bool) -> None:
 @click.option("--scheduler", default=None, help="Address of an existing dask.distributed scheduler to use instead.")
 @click.option("--tissue-mask", type=click.Path(path_type=Path), default=None,
               help="Use this mask (PNG over the slide, or GeoJSON polygons in level-0 pixels) instead of detection.")
+@click.option("--tissue-threshold", type=float, default=None,
+              help="Saturation threshold for tissue (0-1) [default: Otsu's, at least 0.05].")
+@click.option("--min-tissue-area", type=float, default=20_000.0, show_default=True,
+              help="Drop tissue pieces smaller than this many square micrometres.")
 @click.option("--skip-errors", is_flag=True, help="Go on past slides that fail, and report them at the end.")
 @click.option("--overwrite", is_flag=True, help="Replace existing stores.")
 def tile_command(
@@ -64,6 +68,8 @@ def tile_command(
     workers: int | None,
     scheduler: str | None,
     tissue_mask: Path | None,
+    tissue_threshold: float | None,
+    min_tissue_area: float,
     skip_errors: bool,
     overwrite: bool,
 ) -> None:
@@ -75,6 +81,7 @@ def tile_command(
     results = tile_slides(
         slides, out, mpp, slide_mpp=slide_mpp, tile=tile, workers=workers, scheduler=scheduler,
         overwrite=overwrite, skip_errors=skip_errors, tissue_mask_path=tissue_mask,
+        tissue_options={"threshold": tissue_threshold, "min_area_um2": min_tissue_area},
     )
     header = ("slide", "status", "size", "tiles", "seconds", "store / error")
     rows = [header, *summary_rows(results)]

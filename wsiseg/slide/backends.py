@@ -77,6 +77,10 @@ class Backend:
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         raise NotImplementedError
 
+    def offset(self, level: int, x: int, y: int) -> tuple[float, float]:
+        """Where, in level pixels relative to (x, y), a read at (x, y) really starts (sub-pixel)."""
+        return 0.0, 0.0
+
     def close(self) -> None:
         """Release file handles."""
 
@@ -121,6 +125,18 @@ class OpenSlideBackend(Backend):
         return Bounds(0, 0, w, h)
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        # Only inside the level: OpenSlide misplaces regions that start at negative level coordinates.
+        level_w, level_h = self.level_dimensions[level]
+        return paste(lambda x0, y0, x1, y1: self._region(level, x0, y0, x1 - x0, y1 - y0), level_w, level_h, x, y, w, h)
+
+    def offset(self, level: int, x: int, y: int) -> tuple[float, float]:
+        # OpenSlide places reads at level-0 integer locations: at a non-integer downsample the level
+        # pixels it returns sit a fraction of a pixel away from (x, y), interpolated.
+        downsample = self.level_downsamples[level]
+        x, y = max(x, 0), max(y, 0)
+        return round(x * downsample) / downsample - x, round(y * downsample) / downsample - y
+
+    def _region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         downsample = self.level_downsamples[level]
         location = (int(round(x * downsample)), int(round(y * downsample)))
         try:

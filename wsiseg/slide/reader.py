@@ -174,7 +174,8 @@ class Slide:
         lx0, ly0 = int(math.floor(fx0)) - margin, int(math.floor(fy0)) - margin
         lx1, ly1 = int(math.ceil(fx1)) + margin, int(math.ceil(fy1)) + margin
         patch = backend.read(level, lx0, ly0, lx1 - lx0, ly1 - ly0)
-        box = (fx0 - lx0, fy0 - ly0, fx1 - lx0, fy1 - ly0)
+        dx, dy = backend.offset(level, lx0, ly0)
+        box = (fx0 - lx0 - dx, fy0 - ly0 - dy, fx1 - lx0 - dx, fy1 - ly0 - dy)
         # Area averaging when shrinking, bicubic when enlarging.
         resample = Image.Resampling.BOX if scale >= downsample else Image.Resampling.BICUBIC
         image = Image.fromarray(patch).resize((width, height), resample=resample, box=box)
