@@ -76,6 +76,9 @@ def test_write_in_stripes_resume_and_pyramid(tmp_path: Path) -> None:
     assert [p["class"] for p in ome["image-label"]["properties"]] == ["background", "tumour", "stroma"]
     assert ome["image-label"]["colors"][0]["rgba"][3] == 0 and ome["image-label"]["colors"][1]["rgba"][3] == 255
 
+    # a finished store left under its partial name is taken as it is ...
+    again = _create(path, {"run": 1})
+    assert again.is_complete and again.rows_done == 300 and again.pixel_counts == done.pixel_counts
     # ... while different settings start afresh
     fresh = _create(path, {"run": 2})
     assert fresh.rows_done == 0 and not fresh.is_complete

@@ -374,9 +374,9 @@ def run_slide(
             "class_area_mm2": store.class_areas_mm2(),
             "outputs": {name: str(path) for name, path in paths.items()},
         }
-        publish(store.path, paths["mask"])
         for partial, final in written:
             publish(partial, final)
+        publish(store.path, paths["mask"])
         summary_partial = partial_path(paths["summary"])
         summary_partial.write_text(json.dumps(summary, indent=2))
         publish(summary_partial, paths["summary"])

@@ -162,14 +162,14 @@ class MaskStore:
 
     @classmethod
     def resume_or_create(cls, path: Path, params: dict[str, Any], **create_args: Any) -> MaskStore:
-        """Reopen an unfinished store made with the same `params`, else create a new one."""
+        """Reopen a store left by an interrupted run with the same `params`, else create a new one."""
         path = Path(path)
-        if (path / PROGRESS_FILE).exists():
+        if path.is_dir():
             try:
                 store = cls.open(path)
             except WsisegError:
                 store = None
-            if store is not None and store.meta.get("params") == params and not store.is_complete:
+            if store is not None and store.meta.get("params") == params:
                 return store
         return cls.create(path, params=params, **create_args)
 
@@ -177,7 +177,8 @@ class MaskStore:
         progress_path = self.path / PROGRESS_FILE
         if progress_path.exists():
             return json.loads(progress_path.read_text())
-        return {"rows_done": self.height, "pixel_counts": self.meta.get("pixel_counts", [0] * len(self.class_names))}
+        done = self.height if self.meta.get("complete") else 0
+        return {"rows_done": done, "pixel_counts": self.meta.get("pixel_counts", [0] * len(self.class_names))}
 
     # ---- properties -----------------------------------------------------------------------
 
@@ -274,7 +275,7 @@ class MaskStore:
         self.group.attrs["ome"] = self._ome_metadata(len(shapes))
         self.group.attrs["wsiseg"] = meta
         self.meta = meta
-        (self.path / PROGRESS_FILE).unlink()
+        (self.path / PROGRESS_FILE).unlink(missing_ok=True)
 
     def _build_level(self, index: int, shape: tuple[int, int]) -> None:
         previous = self.level(index - 1)
