@@ -58,6 +58,7 @@ def save_checkpoint(path: str | Path, model: Segmenter, config: dict[str, Any], 
         "class_names": list(class_names),
         "num_classes": model.num_classes,
         "backbone_state": kind,
+        "backbone_options": dict(model.backbone_options),
         "backbone": {k: v.detach().cpu() for k, v in backbone.items()},
         "decoder": {k: v.detach().cpu() for k, v in model.decoder.state_dict().items()},
         "extra": extra,
@@ -110,7 +111,7 @@ def load_segmenter(config: dict[str, Any] | str | Path | None, checkpoint: str |
     cfg = model_config(config["model"])
     kind = payload["backbone_state"]
     whole = kind == "full" and cfg["finetune_mode"] in ("full", "frozen")
-    model = build_segmenter(cfg, payload["num_classes"], load_weights=not whole)
+    model = build_segmenter(cfg, payload["num_classes"], load_weights=not whole, **payload.get("backbone_options", {}))
     if whole:
         model.backbone.load_state_dict(payload["backbone"], strict=True, assign=True)
     elif kind == "full":

@@ -49,6 +49,7 @@ class Segmenter(nn.Module):
         self.finetune_mode = finetune_mode
         self.norm_last = norm_last
         self.class_names: list[str] | None = None
+        self.backbone_options: dict[str, Any] = {}
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
@@ -96,11 +97,14 @@ def check_config(cfg: dict[str, Any], spec: BackboneSpec) -> None:
                           f"use {max(m, round(size / m) * m)}")
 
 
-def build_segmenter(model_cfg: dict[str, Any], num_classes: int, load_weights: bool = True) -> Segmenter:
+def build_segmenter(model_cfg: dict[str, Any], num_classes: int, load_weights: bool = True,
+                    **backbone_options: Any) -> Segmenter:
     """Build backbone (with the PFM weights of the config), decoder and fine-tuning mode.
 
     `load_weights=False` builds the backbone on the meta device, for a checkpoint that holds
     the whole backbone (full fine-tuning, merged exports) and will be loaded with assign.
+    `backbone_options` are passed to the timm builder (e.g. `depth=2` for a tiny test model);
+    checkpoints record them.
     """
     cfg = model_config(model_cfg)
     spec = get_spec(cfg["name"])
@@ -108,11 +112,11 @@ def build_segmenter(model_cfg: dict[str, Any], num_classes: int, load_weights: b
     if int(num_classes) < 1:
         raise WsisegError(f"num_classes must be at least 1, got {num_classes}")
     if not load_weights:
-        backbone = build_backbone(cfg["name"], None, device="meta")
+        backbone = build_backbone(cfg["name"], None, device="meta", **backbone_options)
     elif cfg["pfm_weights_path"] is None and entry(cfg["name"]).default_weights is None:
-        backbone = build_backbone(cfg["name"], None, device="cpu")
+        backbone = build_backbone(cfg["name"], None, device="cpu", **backbone_options)
     else:
-        backbone = build_backbone(cfg["name"], cfg["pfm_weights_path"], device="cpu")
+        backbone = build_backbone(cfg["name"], cfg["pfm_weights_path"], device="cpu", **backbone_options)
     if is_vit(backbone):
         progressive = cfg["decoder"] == "progressive"
         layers = vit_layers(backbone, 1 if progressive else FUSED_VIT_LAYERS)
@@ -128,6 +132,7 @@ def build_segmenter(model_cfg: dict[str, Any], num_classes: int, load_weights: b
                               cfg["lora_dropout"], cfg["lora_target_modules"])
     model = Segmenter(backbone, decoder, spec, int(num_classes), layers, cfg["finetune_mode"],
                       norm_last=progressive and spec.kind == "vit")
+    model.backbone_options = dict(backbone_options)
     if load_weights:
         trainable, total = count_parameters(model)
         log.info("%s + %s decoder, %s: trainable %s / total %s parameters (%.2f%%)", spec.name, cfg["decoder"],

@@ -1,0 +1,106 @@
+"""Checkpoints: save, reload to identical outputs (PFM weights rebuilt from the user's file), merge."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import wsiseg
+from wsiseg.errors import WsisegError
+from wsiseg.models import registry
+from wsiseg.models.checkpoint import merge_checkpoint, save_checkpoint
+from wsiseg.models.segmenter import build_segmenter
+
+NAME = "timm:vit_tiny_patch16_224"
+CLASSES = ["background", "tumour", "stroma"]
+
+
+@pytest.fixture(scope="module")
+def pfm_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 'PFM weights' file of the tiny ViT, as a user would download one."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("pfm") / "pytorch_model.bin"
+    torch.save(registry.create(NAME, "cpu", depth=2).state_dict(), path)
+    return path
+
+
+def trained(mode: str, pfm: Path | None) -> tuple[torch.nn.Module, dict]:
+    """A segmenter trained two steps so that adapters and decoder are away from their init."""
+    torch.manual_seed(0)
+    config = {"model": {"name": NAME, "pfm_weights_path": None if pfm is None else str(pfm), "finetune_mode": mode,
+                        "lora_r": 4, "lora_alpha": 8}, "dataset": {"class_names": CLASSES}}
+    model = build_segmenter(config["model"], len(CLASSES), depth=2).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.rand(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    for _ in range(2):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval(), config
+
+
+def outputs(model: torch.nn.Module) -> torch.Tensor:
+    torch.manual_seed(5)
+    with torch.no_grad():
+        return model(torch.rand(2, 3, 48, 32))
+
+
+@pytest.mark.parametrize("mode", ["lora", "dora"])
+def test_adapter_checkpoint_reloads_and_merges_to_identical_outputs(tmp_path: Path, pfm_file: Path, mode: str) -> None:
+    model, config = trained(mode, pfm_file)
+    expected = outputs(model)
+    path = save_checkpoint(tmp_path / "best_model.pth", model, config, CLASSES, epoch=2, metrics={"mdice": 0.5})
+    payload = torch.load(path, weights_only=True)
+    assert payload["backbone_state"] == "adapter" and all("lora_" in k for k in payload["backbone"])
+    assert payload["class_names"] == CLASSES and payload["extra"]["epoch"] == 2
+
+    reloaded = wsiseg.load_segmenter(None, path, "cpu")
+    assert not reloaded.training and reloaded.class_names == CLASSES
+    torch.testing.assert_close(outputs(reloaded), expected, rtol=0, atol=0)
+
+    moved = tmp_path / "elsewhere.bin"
+    shutil.copy(pfm_file, moved)
+    user_config = {"model": {"name": NAME, "pfm_weights_path": str(moved)}}
+    torch.testing.assert_close(outputs(wsiseg.load_segmenter(user_config, path)), expected, rtol=0, atol=0)
+
+    merged_path = merge_checkpoint(path, tmp_path / "merged.pth")
+    merged_payload = torch.load(merged_path, weights_only=True)
+    assert merged_payload["backbone_state"] == "full" and not any("lora_" in k for k in merged_payload["backbone"])
+    moved.unlink()  # a merged export needs no PFM weights
+    merged = wsiseg.load_segmenter({"model": {"pfm_weights_path": str(moved)}}, merged_path)
+    torch.testing.assert_close(outputs(merged), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(WsisegError, match="already exists"):
+        merge_checkpoint(path, merged_path)
+
+
+@pytest.mark.parametrize("mode,stored", [("full", "full"), ("frozen", "none")])
+def test_full_and_frozen_round_trip(tmp_path: Path, pfm_file: Path, mode: str, stored: str) -> None:
+    model, config = trained(mode, pfm_file)
+    path = save_checkpoint(tmp_path / "ckpt.pth", model, config, CLASSES)
+    assert torch.load(path, weights_only=True)["backbone_state"] == stored
+    torch.testing.assert_close(outputs(wsiseg.load_segmenter(None, path)), outputs(model), rtol=0, atol=0)
+
+
+def test_random_backbone_is_stored_whole(tmp_path: Path) -> None:
+    model, config = trained("lora", None)
+    path = save_checkpoint(tmp_path / "ckpt.pth", model, config, CLASSES)
+    assert torch.load(path, weights_only=True)["backbone_state"] == "full"
+    torch.testing.assert_close(outputs(wsiseg.load_segmenter(None, path)), outputs(model), rtol=0, atol=0)
+
+
+def test_bad_checkpoints_and_configs(tmp_path: Path, pfm_file: Path) -> None:
+    with pytest.raises(WsisegError, match="checkpoint not found"):
+        wsiseg.load_segmenter(None, tmp_path / "none.pth")
+    (tmp_path / "bad.pth").write_bytes(b"garbage")
+    with pytest.raises(WsisegError, match="corrupt"):
+        wsiseg.load_segmenter(None, tmp_path / "bad.pth")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pth")
+    with pytest.raises(WsisegError, match="not a wsiseg segmenter checkpoint"):
+        wsiseg.load_segmenter(None, tmp_path / "foreign.pth")
+    model, config = trained("frozen", pfm_file)
+    path = save_checkpoint(tmp_path / "ckpt.pth", model, config, CLASSES)
+    with pytest.raises(WsisegError, match="differs from the checkpoint"):
+        wsiseg.load_segmenter({"model": {"name": "uni_v1"}}, path)
