@@ -99,3 +99,17 @@ def test_bad_bank_files(tmp_path: Path) -> None:
     hostile.write_bytes(pickle.dumps({8: __import__("os").getcwd}))
     with pytest.raises(WsisegError, match="refusing to load"):
         load_bank(hostile)
+
+
+def test_cli_k_values_follow_the_issue_syntax(tmp_path: Path) -> None:
+    """`fseg-fit SLIDE --k 8 16 32`: click hands 16 and 32 to the slide arguments; they come back as k values."""
+    from wsiseg.cli.fseg import split_k_values
+
+    slide = tmp_path / "a.svs"
+    slide.touch()
+    numbered = tmp_path / "64"
+    numbered.touch()
+    paths, ks = split_k_values((slide, Path("16"), Path("32"), numbered), ("8",))
+    assert paths == [slide, numbered] and ks == [8, 16, 32]
+    assert split_k_values((slide,), ("8,16", "4")) == ([slide], [8, 16, 4])
+    assert split_k_values((slide, Path("16")), ()) == ([slide, Path("16")], [])

@@ -30,10 +30,11 @@ def _paths(slides: str | Path | Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def _open(paths: list[Path], slide_mpp: float | None) -> list[Any]:
-    from wsiseg.slide import open_slide
+def _open(paths: list[Path], mpp: float, slide_mpp: float | None) -> list[Any]:
+    """Engine source views (slide files or `wsiseg tile` stores) at `mpp`."""
+    from wsiseg.engine.run import open_source
 
-    return [open_slide(path, slide_mpp=slide_mpp) for path in paths]
+    return [open_source(path, mpp, slide_mpp) for path in paths]
 
 
 def _check_window(extractor: FeatureExtractor, window: int) -> None:
@@ -47,7 +48,7 @@ def _check_window(extractor: FeatureExtractor, window: int) -> None:
 
 
 def _fit(
-    slides: list[Any],
+    views: list[Any],
     extractor: FeatureExtractor,
     ks: Sequence[int],
     mpp: float,
@@ -64,7 +65,7 @@ def _fit(
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise WsisegError(f"--k values must be positive integers, got {ks}")
-    tokens = sample_tokens(slides, extractor, mpp, window, max_windows, max_tokens, seed=seed)
+    tokens = sample_tokens(views, extractor, mpp, window, max_windows, max_tokens, seed=seed)
     distinct = int(torch.unique(tokens, dim=0).shape[0])
     if distinct < ks[-1]:
         raise WsisegError(
@@ -79,7 +80,7 @@ def _fit(
         layer=str(extractor.layer),
         mpp=mpp,
         window=window,
-        extra={"slides": [Path(s.path).name for s in slides], "tokens": int(tokens.shape[0])},
+        extra={"slides": [Path(v.path).name for v in views], "tokens": int(tokens.shape[0])},
     )
 
 
@@ -108,7 +109,7 @@ def fit_concepts(
     paths = _paths(slides)
     if out is not None:
         check_writable(Path(out), overwrite)
-    opened = _open(paths, slide_mpp)
+    opened = _open(paths, mpp, slide_mpp)
     extractor = load_extractor(model, weights, layer, device)
     _check_window(extractor, window)
     bank = _fit(opened, extractor, ks, mpp, window, max_windows, max_tokens, seed)
@@ -178,12 +179,12 @@ def fseg_slide(
     for target in targets:
         for path in output_paths(target, exports).values():
             check_writable(path, overwrite)
-    opened = _open(paths, slide_mpp)
+    opened = _open(paths, mpp, slide_mpp)
     from wsiseg.fseg.sampling import tissue_windows
 
-    for slide in opened:
-        if not tissue_windows(slide, mpp, window):
-            raise WsisegError(f"no tissue found in {slide.path}: check the slide, or pass a tissue-rich slide")
+    for view in opened:
+        if not tissue_windows(view, window, mpp):
+            raise WsisegError(f"no tissue found in {view.path}: check the slide, or pass a tissue-rich slide")
     extractor = load_extractor(model, weights, layer, device)
     _check_window(extractor, window)
     if loaded is None:
@@ -204,9 +205,9 @@ def fseg_slide(
         "bank_sha256": hashlib.sha256(concepts.tobytes()).hexdigest()[:16],
     }
     summaries = []
-    for slide, target in zip(opened, targets):
+    for view, target in zip(opened, targets):
         summaries.append(run_slide(
-            slide, predictor, target, mpp=mpp, window=window, overlap=overlap, batch_size=batch_size,
+            view.reader, predictor, target, mpp=mpp, window=window, overlap=overlap, batch_size=batch_size,
             device=str(extractor.device), overwrite=overwrite, model_info=info, **engine_options,
         ))
     return summaries

@@ -19,18 +19,16 @@ if TYPE_CHECKING:
 log = get_logger("fseg")
 
 
-def tissue_windows(slide: Any, mpp: float, window: int) -> list[tuple[int, int]]:
-    """Top-left corners of the non-overlapping windows at `mpp` that hold tissue."""
+def tissue_windows(view: Any, window: int, mpp: float) -> list[tuple[int, int]]:
+    """Top-left corners of the non-overlapping windows of a source view (engine SourceView) that hold tissue."""
     from wsiseg.slide.grid import Grid
-    from wsiseg.slide.tissue import tissue_mask
 
-    width, height = slide.size_at(mpp)
-    grid = Grid.from_overlap(width, height, window, 0.0)
-    return grid.tissue_positions(tissue_mask(slide), mpp)
+    grid = Grid.from_overlap(view.width, view.height, window, 0.0)
+    return grid.tissue_positions(view.tissue(), mpp)
 
 
 def sample_tokens(
-    slides: Sequence[Any],
+    views: Sequence[Any],
     extractor: FeatureExtractor,
     mpp: float,
     window: int,
@@ -41,19 +39,20 @@ def sample_tokens(
 ) -> "torch.Tensor":
     """ReLU'd token features (N, D) on the extractor's device from up to `max_windows` tissue windows.
 
-    Windows are drawn at random (seeded) from the tissue windows of all slides together; at
+    `views` are the engine's source views (slides or tile stores at `mpp`). Windows are drawn at
+    random (seeded) from the tissue windows of all sources together; at
     most `max_tokens` tokens are kept, drawn at random, so memory stays bounded.
     """
     import torch
 
     candidates: list[tuple[int, int, int]] = []
-    for index, slide in enumerate(slides):
-        positions = tissue_windows(slide, mpp, window)
+    for index, view in enumerate(views):
+        positions = tissue_windows(view, window, mpp)
         if not positions:
-            log.warning("no tissue found in %s: it contributes no tokens", Path(slide.path).name)
+            log.warning("no tissue found in %s: it contributes no tokens", Path(view.path).name)
         candidates += [(index, x, y) for x, y in positions]
     if not candidates:
-        names = ", ".join(Path(s.path).name for s in slides)
+        names = ", ".join(Path(v.path).name for v in views)
         raise WsisegError(f"no tissue found in {names}: check the slide(s), or pass a bank fitted elsewhere with --bank")
     rng = random.Random(seed)
     chosen = sorted(rng.sample(candidates, min(max_windows, len(candidates))))
@@ -63,7 +62,7 @@ def sample_tokens(
     with progress_bar(len(chosen), "sampling concept tokens", unit="windows") as advance:
         for start in range(0, len(chosen), batch_size):
             part = chosen[start : start + batch_size]
-            pixels = np.stack([slides[i].read(x, y, window, window, mpp) for i, x, y in part])
+            pixels = np.stack([views[i].reader.read(x, y, window, window, mpp) for i, x, y in part])
             batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
             features = extractor(batch)
             for f in features:
