@@ -10,10 +10,7 @@ import numpy as np
 from PIL import Image
 
 from wsiseg.errors import WsisegError
-from wsiseg.progress import get_logger
 from wsiseg.slide.backends import Backend, Bounds, open_backend
-
-log = get_logger("slide")
 
 # Reading finer than the slide's own resolution upsamples; beyond this factor we refuse (likely a wrong MPP).
 MAX_UPSAMPLE = 4.0

@@ -13,10 +13,7 @@ from scipy import ndimage
 from skimage import draw, filters, morphology, segmentation
 
 from wsiseg.errors import WsisegError
-from wsiseg.progress import get_logger
 from wsiseg.slide.reader import Slide, snap
-
-log = get_logger("tissue")
 
 # Tissue is detected at this resolution (coarser for very large slides, so the mask stays small).
 MASK_MPP = 4.0

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ class TileResult:
     tiles: int = 0
     seconds: float = 0.0
     message: str = ""
-    size: tuple[int, int] = field(default=(0, 0))
+    size: tuple[int, int] = (0, 0)
 
 
 # --- worker side ------------------------------------------------------------------------------
@@ -211,7 +211,11 @@ def tile_slide(
     if tile < 16:
         raise WsisegError(f"--tile must be at least 16 pixels, got {tile}")
     if not isinstance(slide, Slide):
-        slide = open_slide(slide, slide_mpp)
+        with open_slide(slide, slide_mpp) as opened:
+            return tile_slide(
+                opened, out, mpp, tile=tile, workers=workers, scheduler=scheduler, overwrite=overwrite,
+                tissue_mask_path=tissue_mask_path, tissue_options=tissue_options, client=client, progress=progress,
+            )
     out = Path(out)
     settings = _settings(slide, mpp, tile)
     if mpp < slide.mpp * (1 - 1e-6):
