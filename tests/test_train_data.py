@@ -96,8 +96,8 @@ def test_losses_ignore_the_ignore_index(name: str) -> None:
     changed[:, :, :3] = torch.randn(2, 3, 3, 8) * 10
     assert float(loss(changed, target)) == pytest.approx(value.item(), rel=1e-5)
     perfect = torch.nn.functional.one_hot(target.clamp(max=2), 3).permute(0, 3, 1, 2).float() * 30
-    assert float(loss(perfect, target)) < 0.05
-    assert float(loss(logits, torch.full_like(target, 255))) == 0.0
+    assert loss(perfect, target).item() < 0.05
+    assert loss(logits, torch.full_like(target, 255)).item() == 0.0
 
 
 def test_weighted_sum_of_losses() -> None:
