@@ -63,7 +63,8 @@ def test_store_is_self_describing(base_store, samples):
     assert store.origin == (0, 0) and store.slide_mpp == pytest.approx(0.499)
     assert store.tissue.shape == (370, 277) and 0.25 < store.tissue.fraction < 0.5
     assert store.attrs["grid"] == {"tile": 512, "rows": 6, "columns": 5, "tissue_tiles": len(store.tissue_tiles())}
-    assert Image.open(store.qc_picture).size[0] > 500
+    with Image.open(store.qc_picture) as picture:
+        assert picture.size[0] > 500
     assert (store.path / "tile.log").read_text().count("tissue tiles") == 1
 
 
