@@ -67,10 +67,15 @@ class Segmenter(nn.Module):
         return self.decoder(feature_maps(self.backbone, image, self.layers, norm=self.norm_last), image)
 
     def train(self, mode: bool = True) -> Segmenter:
-        """Train mode for the decoder; the backbone stays in eval mode unless fully fine-tuned."""
+        """Train mode, except what must not move: a frozen backbone, and batch-norm statistics
+        of any backbone that is not fully fine-tuned (LoRA dropout still acts in lora/dora)."""
         super().train(mode)
-        if self.finetune_mode != "full":
+        if self.finetune_mode == "frozen":
             self.backbone.eval()
+        elif self.finetune_mode != "full":
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
 
