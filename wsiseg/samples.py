@@ -151,9 +151,14 @@ def _extract(archive_file: Path, member: str, target: Path) -> None:
     _write_atomically(target, data)
 
 
+def _temporary(target: Path) -> Path:
+    """A temporary sibling of `target`, unique to this process (parallel fetches never collide)."""
+    return target.with_name(f".{target.stem}.{os.getpid()}.partial{target.suffix}")
+
+
 def _write_atomically(target: Path, data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.partial")
+    temporary = _temporary(target)
     temporary.write_bytes(data)
     temporary.replace(target)
 
@@ -185,7 +190,7 @@ def _derive_hgsc_mask(npz: Path, target: Path) -> None:
     from PIL import Image
 
     raster = np.load(npz)["nuc_raster"].astype(np.uint8)
-    temporary = target.with_name(f".{target.name}.partial.png")
+    temporary = _temporary(target)
     Image.fromarray(raster, mode="L").save(temporary)
     temporary.replace(target)
 
@@ -201,7 +206,7 @@ def _derive_pyramid(svs: Path, target: Path) -> None:
         rgba = np.asarray(slide.read_region((0, 0), 0, (width, height)))
     alpha = rgba[..., 3:4].astype(np.float32) / 255.0
     rgb = np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    temporary = target.with_name(f".{target.name}.partial.tif")
+    temporary = _temporary(target)
     write_pyramidal_tiff(temporary, rgb, CMU_MPP, tile=256, compression="jpeg", downsample="mean")
     temporary.replace(target)
 
