@@ -125,7 +125,7 @@ def bench(path: Path, workers: int, out: Path, repeats: int) -> dict:
     with PeakMemory() as memory:
         started = time.perf_counter()
         with dask_client(workers) as client:
-            client.run(lambda: __import__("wsiseg.store.tiling"))
+            client.run(lambda: __import__("wsiseg.store.tiles"))
             best["startup"] = time.perf_counter() - started
             with context.Pool(workers, initializer=_open, initargs=(str(path),)) as pool:
                 pool.map(_read, [[]] * workers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from wsiseg.errors import WsisegError
-from wsiseg.slide.tissue import TissueMask
+from wsiseg.slide.mask import TissueMask
 
 
 def _starts(size: int, window: int, stride: int, clamp: bool) -> list[int]:

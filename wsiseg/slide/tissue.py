@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,48 +11,14 @@ from scipy import ndimage
 from skimage import draw, filters, morphology, segmentation
 
 from wsiseg.errors import WsisegError
+from wsiseg.slide.mask import TissueMask
 from wsiseg.slide.reader import Slide, snap
+
+__all__ = ["TissueMask", "detect_tissue", "load_mask", "qc_picture", "save_png", "tissue_mask"]
 
 # Tissue is detected at this resolution (coarser for very large slides, so the mask stays small).
 MASK_MPP = 4.0
 MASK_MAX_SIDE = 4096
-
-
-@dataclass
-class TissueMask:
-    """A boolean tissue mask over the slide's bounds, at `mpp` micrometres per mask pixel."""
-
-    mask: np.ndarray
-    mpp: float
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.mask.shape  # type: ignore[return-value]
-
-    @property
-    def fraction(self) -> float:
-        """Share of the slide area covered by tissue."""
-        return float(self.mask.mean()) if self.mask.size else 0.0
-
-    def box(self, x: int, y: int, width: int, height: int, mpp: float) -> tuple[int, int, int, int]:
-        """The mask pixels (x0, y0, x1, y1) covering a box of the image at `mpp`."""
-        factor = mpp / self.mpp
-        rows, cols = self.mask.shape
-        x0 = min(max(int(math.floor(x * factor)), 0), cols)
-        y0 = min(max(int(math.floor(y * factor)), 0), rows)
-        x1 = min(max(int(math.ceil((x + width) * factor)), 0), cols)
-        y1 = min(max(int(math.ceil((y + height) * factor)), 0), rows)
-        return x0, y0, x1, y1
-
-    def covers(self, x: int, y: int, width: int, height: int, mpp: float) -> bool:
-        """Whether any tissue lies in the box at (x, y) of size (width, height) in the image at `mpp`."""
-        x0, y0, x1, y1 = self.box(x, y, width, height, mpp)
-        return bool(self.mask[y0:y1, x0:x1].any())
-
-    def resized(self, width: int, height: int) -> np.ndarray:
-        """The mask as a bool array of another size (nearest neighbour)."""
-        image = Image.fromarray(self.mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
-        return np.asarray(image) > 127
 
 
 def detect_tissue(

@@ -15,14 +15,17 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 
 from wsiseg.errors import WsisegError
 from wsiseg.slide.grid import Grid
-from wsiseg.slide.tissue import TissueMask
+from wsiseg.slide.mask import TissueMask
+
+if TYPE_CHECKING:
+    from wsiseg.slide.reader import Slide
 
 FORMAT_VERSION = 1
 IMAGE = "0"
@@ -240,3 +243,35 @@ def mark_complete(path: Path) -> None:
     attributes = dict(group.attrs["wsiseg"])  # type: ignore[arg-type]
     attributes["complete"] = True
     group.attrs["wsiseg"] = attributes
+
+
+# Worker side: kept in this light module so dask workers import no tissue-detection code.
+_WORKER_SLIDES: dict[tuple[str, float | None], Slide] = {}
+_WORKER_WRITERS: dict[tuple[str, tuple[int, ...]], ChunkWriter] = {}
+
+
+def _worker_slide(slide: Slide) -> Slide:
+    """One open handle per slide per worker process, reused across tasks."""
+    key = (str(slide.path), slide.slide_mpp)
+    if key not in _WORKER_SLIDES:
+        _WORKER_SLIDES[key] = slide
+    return _WORKER_SLIDES[key]
+
+
+def _worker_writer(path: str, shape: tuple[int, ...]) -> ChunkWriter:
+    key = (path, shape)
+    if key not in _WORKER_WRITERS:
+        _WORKER_WRITERS[key] = ChunkWriter(path)
+    return _WORKER_WRITERS[key]
+
+
+def write_tiles(
+    slide: Slide, array_path: str, shape: tuple[int, int, int], mpp: float, tile: int, positions: list[tuple[int, int]]
+) -> int:
+    """Read tiles at `mpp` and write each into its own chunk (so concurrent tasks never share one)."""
+    reader = _worker_slide(slide)
+    writer = _worker_writer(array_path, shape)
+    _, height, width = shape
+    for x, y in positions:
+        writer.write(x, y, reader.read(x, y, min(tile, width - x), min(tile, height - y), mpp))
+    return len(positions)

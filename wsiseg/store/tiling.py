@@ -19,7 +19,7 @@ from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.slide.grid import Grid
 from wsiseg.slide.reader import Slide, open_slide
 from wsiseg.slide.tissue import TissueMask, load_mask, qc_picture, save_png, tissue_mask
-from wsiseg.store.tiles import IMAGE, QC_PICTURE, ChunkWriter, TileStore, create_store, mark_complete
+from wsiseg.store.tiles import IMAGE, QC_PICTURE, TileStore, create_store, mark_complete, write_tiles
 
 log = get_logger("tile")
 
@@ -39,38 +39,6 @@ class TileResult:
     seconds: float = 0.0
     message: str = ""
     size: tuple[int, int] = (0, 0)
-
-
-# --- worker side ------------------------------------------------------------------------------
-_WORKER_SLIDES: dict[tuple[str, float | None], Slide] = {}
-_WORKER_WRITERS: dict[tuple[str, tuple[int, ...]], ChunkWriter] = {}
-
-
-def _worker_slide(slide: Slide) -> Slide:
-    """One open handle per slide per worker process, reused across tasks."""
-    key = (str(slide.path), slide.slide_mpp)
-    if key not in _WORKER_SLIDES:
-        _WORKER_SLIDES[key] = slide
-    return _WORKER_SLIDES[key]
-
-
-def _worker_writer(path: str, shape: tuple[int, ...]) -> ChunkWriter:
-    key = (path, shape)
-    if key not in _WORKER_WRITERS:
-        _WORKER_WRITERS[key] = ChunkWriter(path)
-    return _WORKER_WRITERS[key]
-
-
-def write_tiles(
-    slide: Slide, array_path: str, shape: tuple[int, int, int], mpp: float, tile: int, positions: list[tuple[int, int]]
-) -> int:
-    """Read tiles at `mpp` and write each into its own chunk (so concurrent tasks never share one)."""
-    reader = _worker_slide(slide)
-    writer = _worker_writer(array_path, shape)
-    _, height, width = shape
-    for x, y in positions:
-        writer.write(x, y, reader.read(x, y, min(tile, width - x), min(tile, height - y), mpp))
-    return len(positions)
 
 
 # --- executors --------------------------------------------------------------------------------
@@ -106,7 +74,9 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
         n_workers=count,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",  # any free port: never clash with another cluster's 8787
+        scheduler_kwargs={"dashboard": False},
+        worker_dashboard_address=None,
         silence_logs=logging.ERROR,
     ) as cluster, Client(cluster) as client:
         yield client
@@ -329,7 +299,7 @@ def tile_slides(
         except WsisegError as error:
             if not skip_errors:
                 raise
-            log.error("%s: %s", path.name, error)
+            log.error("%s", error)
             results.append(TileResult(path, store, "failed", message=str(error)))
     pending = [r for r in results if r.status == "pending"]
     with dask_client(workers, scheduler) if pending else nullcontext() as client:
@@ -345,7 +315,7 @@ def tile_slides(
             except WsisegError as error:
                 if not skip_errors:
                     raise
-                log.error("%s: %s", slide.path.name, error)
+                log.error("%s", error)
                 result.status, result.message = "failed", str(error)
             finally:
                 slide.close()

@@ -1,0 +1,46 @@
+"""TissueMask: a boolean mask over a slide at a known MPP, asked whether boxes at any MPP hold tissue."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class TissueMask:
+    """A boolean tissue mask over the slide's bounds, at `mpp` micrometres per mask pixel."""
+
+    mask: np.ndarray
+    mpp: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.mask.shape  # type: ignore[return-value]
+
+    @property
+    def fraction(self) -> float:
+        """Share of the slide area covered by tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def box(self, x: int, y: int, width: int, height: int, mpp: float) -> tuple[int, int, int, int]:
+        """The mask pixels (x0, y0, x1, y1) covering a box of the image at `mpp`."""
+        factor = mpp / self.mpp
+        rows, cols = self.mask.shape
+        x0 = min(max(int(math.floor(x * factor)), 0), cols)
+        y0 = min(max(int(math.floor(y * factor)), 0), rows)
+        x1 = min(max(int(math.ceil((x + width) * factor)), 0), cols)
+        y1 = min(max(int(math.ceil((y + height) * factor)), 0), rows)
+        return x0, y0, x1, y1
+
+    def covers(self, x: int, y: int, width: int, height: int, mpp: float) -> bool:
+        """Whether any tissue lies in the box at (x, y) of size (width, height) in the image at `mpp`."""
+        x0, y0, x1, y1 = self.box(x, y, width, height, mpp)
+        return bool(self.mask[y0:y1, x0:x1].any())
+
+    def resized(self, width: int, height: int) -> np.ndarray:
+        """The mask as a bool array of another size (nearest neighbour)."""
+        image = Image.fromarray(self.mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
+        return np.asarray(image) > 127
