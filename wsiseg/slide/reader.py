@@ -151,7 +151,10 @@ class Slide:
 
     # --- reading ---------------------------------------------------------------------------
     def read(self, x: int, y: int, width: int, height: int, mpp: float) -> np.ndarray:
-        """RGB uint8 (height, width, 3) of the box at (x, y) in the image at `mpp`, composited on white."""
+        """RGB uint8 (height, width, 3) of the box at (x, y) in the image at `mpp`, composited on white.
+
+        The array may be a non-contiguous view (np.ascontiguousarray it where that matters).
+        """
         return self.read_scaled(x, y, width, height, self.scale_for(mpp))
 
     def read_scaled(self, x: int, y: int, width: int, height: int, scale: float) -> np.ndarray:
