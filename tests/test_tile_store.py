@@ -75,6 +75,11 @@ def test_store_reads_like_a_slide(base_store):
     assert window.shape == (100, 300, 3) and (window[67:] == 255).all() and (window[:, 220:] == 255).all()
     with pytest.raises(WsisegError, match="0.499 MPP, not 0.5"):
         store.read(0, 0, 10, 10, 0.5)
+    assert tuple(store.bounds) == (0, 0, 2220, 2967)
+    thumbnail = store.thumbnail(400)
+    assert thumbnail.shape == (400, 299, 3)
+    with open_slide(store.source) as slide:
+        assert np.abs(thumbnail.astype(int) - slide.thumbnail(400)[:, :299]).mean() < 8
 
 
 @pytest.mark.parametrize("mpp", sorted(CMU_SIZES))

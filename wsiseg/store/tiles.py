@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
+from PIL import Image
 
 from wsiseg.errors import WsisegError
+from wsiseg.slide.backends import Bounds
 from wsiseg.slide.grid import Grid
 from wsiseg.slide.mask import TissueMask
 
@@ -175,6 +177,34 @@ class TileStore:
         if x1 > x0 and y1 > y0:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = np.asarray(self.array[:, y0:y1, x0:x1]).transpose(1, 2, 0)
         return out
+
+    @property
+    def bounds(self) -> Bounds:
+        """The source slide's bounds (level-0 pixels) that the store covers."""
+        (x, y), (w, h) = self.attrs["origin"], self.attrs["slide_size"]
+        return Bounds(int(x), int(y), int(w), int(h))
+
+    def thumbnail(self, max_side: int = 1024) -> np.ndarray:
+        """The stored image with its longer side `max_side`, read one row of tiles at a time."""
+        factor = max(self.width, self.height) / max_side
+        width, height = max(1, round(self.width / factor)), max(1, round(self.height / factor))
+        out = np.empty((height, width, 3), np.uint8)
+        for y in range(0, self.height, self.tile):
+            y0, y1 = round(y / factor), round(min(y + self.tile, self.height) / factor)
+            if y1 > y0:
+                stripe = Image.fromarray(self.read(0, y, self.width, min(self.tile, self.height - y)))
+                out[y0:y1] = np.asarray(stripe.resize((width, y1 - y0), Image.Resampling.BOX))
+        return out
+
+    def close(self) -> None:
+        """Forget the open array (it reopens on the next read)."""
+        self._array = None
+
+    def __enter__(self) -> TileStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def as_slide(self) -> TileStore:
         """The store itself: it offers Slide's `read(x, y, w, h, mpp)`, `mpp` and `size_at`."""
