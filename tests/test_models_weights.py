@@ -25,6 +25,8 @@ def wrapped_variants(state: dict) -> dict[str, dict]:
         "state_dict+module": {"state_dict": {f"module.{k}": v for k, v in state.items()}},
         "teacher+backbone": {"teacher": {**{f"backbone.{k}": v for k, v in state.items()},
                                          "head.mlp.0.weight": torch.zeros(2, 2)}, "student": {}},
+        "open_clip": {**{f"visual.trunk.{k}": v for k, v in state.items()}, "text.proj": torch.zeros(2),
+                      "visual.attn_pool.q": torch.zeros(2)},
     }
 
 

@@ -141,7 +141,8 @@ def uni_v2(**kw: Any) -> Any:
     )
 
 
-@register("conch_v1", CLIP, "ViT-B/16 at 448 (CONCH vision trunk)")
+@register("conch_v1", CLIP, "ViT-B/16 at 448 (CONCH vision trunk)",
+          TIMM_LAYOUT.replace("accepted", "accepted; the CONCH open_clip checkpoint's `visual.trunk.` part is used"))
 def conch_v1(**kw: Any) -> Any:
     return _vit("vit_base_patch16_224", **{"img_size": 448, **kw})
 

@@ -19,6 +19,7 @@ log = get_logger("models.weights")
 
 WRAPPERS = ("teacher", "model", "state_dict")
 PREFIXES = ("module.", "_orig_mod.")
+TRUNKS = ("backbone.", "visual.trunk.")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth")
 SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
@@ -73,7 +74,11 @@ def unwrap(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
-    """Remove `module.` / `_orig_mod.` prefixes, and keep only the `backbone.` part when there is one."""
+    """Remove `module.` / `_orig_mod.` prefixes; keep only the vision trunk of a larger model.
+
+    The trunk is the `backbone.` part (DINO-style training checkpoints) or the `visual.trunk.`
+    part (open_clip models such as CONCH); other keys (heads, text tower) are ignored.
+    """
     def clean(key: str) -> str:
         changed = True
         while changed:
@@ -84,11 +89,13 @@ def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
         return key
 
     state = {clean(k): v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):
-        others = [k for k in state if not k.startswith("backbone.")]
-        if others:
-            log.info("keeping the backbone.* keys of the checkpoint; ignoring %d others (heads): %s", len(others), ", ".join(others[:4]))
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    for trunk in TRUNKS:
+        if any(k.startswith(trunk) for k in state):
+            others = [k for k in state if not k.startswith(trunk)]
+            if others:
+                log.info("keeping the %s* keys of the checkpoint; ignoring %d others: %s", trunk, len(others),
+                         ", ".join(others[:4]))
+            return {k[len(trunk):]: v for k, v in state.items() if k.startswith(trunk)}
     return state
 
 
