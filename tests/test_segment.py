@@ -232,3 +232,13 @@ def test_batch_too_large_halves_and_says_so(predictor: SegmenterPredictor, caplo
     assert runner.batch_size == 2
     assert torch.allclose(scores, predictor.predict(batch), atol=1e-5)
     assert any("does not fit in device memory" in r.getMessage() for r in caplog.records)
+
+
+def test_background_label() -> None:
+    from wsiseg.engine.segment import background_label
+
+    assert background_label(["tumour", "Background", "stroma"]) == 1  # a class named like background
+    assert background_label(["tumour", "stroma"]) == 0
+    assert background_label(["tumour", "stroma"], "stroma") == background_label(["tumour", "stroma"], "1") == 1
+    with pytest.raises(WsisegError, match="not one of"):
+        background_label(["tumour", "stroma"], "necrosis")

@@ -32,7 +32,11 @@ def _load_config(config: dict[str, Any] | str | Path | None) -> dict[str, Any] |
 
 def background_label(class_names: Sequence[str], background: int | str | None = None) -> int:
     """The label of background: given by index or name, else a class named like background, else 0."""
+    if isinstance(background, str) and background.isdigit():
+        background = int(background)
     if isinstance(background, int):
+        if not 0 <= background < len(class_names):
+            raise WsisegError(f"background label {background} is not one of the {len(class_names)} classes (0..{len(class_names) - 1})")
         return background
     if isinstance(background, str):
         if background not in class_names:
