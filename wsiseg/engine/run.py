@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import queue
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -146,6 +148,37 @@ def resample_rows(scores: np.ndarray, out_height: int, out_width: int, row0: int
     return rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx
 
 
+class BackgroundWriter:
+    """Hands finished stripes to `write` in a thread, in order, so the device never waits on disk."""
+
+    def __init__(self, write: Any, depth: int = 4) -> None:
+        self.write = write
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="wsiseg-mask-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.write(*item)
+                except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+                    self.error = error
+
+    def __call__(self, *item: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def close(self) -> None:
+        """Wait until every stripe is written; raise what the writer hit, if anything."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def _fingerprint(view: SourceView, settings: dict[str, Any], predictor: Predictor) -> dict[str, Any]:
     stat = view.path.stat() if view.path.is_file() else None
     return {
@@ -177,22 +210,26 @@ def _predict_windows(
     first_needed = next((i for i, (_, y) in enumerate(positions) if y + window > start_row), len(positions))
     first_batch = first_needed // batch_size
     advance(first_batch * batch_size)
+    writer = BackgroundWriter(store.write_rows)
     blender = StripeBlender(
         view.width, view.height, window, predictor.num_outputs, window_weights(window, settings["blend"]),
-        store.write_rows, background=settings["background"], start_row=start_row, device=device,
+        writer, background=settings["background"], start_row=start_row, device=device,
         keep_probabilities=store.probabilities is not None,
     )
     runner = BatchRunner(predictor, batch_size)
     count = 0
     batches = iterate_batches(view.reader, positions, window, mpp, batch_size, workers, device, first_batch)
-    for indices, batch in batches:
-        scores = runner(batch)
-        for index, score in zip(indices, scores):
-            x, y = positions[index]
-            blender.add(score, x, y)
-        count += len(indices)
-        advance(len(indices))
-    blender.close()
+    try:
+        for indices, batch in batches:
+            scores = runner(batch)
+            for index, score in zip(indices, scores):
+                x, y = positions[index]
+                blender.add(score, x, y)
+            count += len(indices)
+            advance(len(indices))
+        blender.close()
+    finally:
+        writer.close()
     return count
 
 
