@@ -3,7 +3,7 @@
 Goal: under 3 GB, and the two within 10% of each other (memory grows with slide width, never
 with height). Each slide is segmented in a fresh subprocess (CPU, a tiny 2-layer conv model,
 reader processes on), whose peak resident set size is read from getrusage: the main process
-and the largest reader process separately.
+and the largest reader process separately, with the phase (last log line) of the main peak.
 
     .venv/bin/python tools/bench_segment_memory.py [--workdir /tmp/wsiseg-bench] [--mpp 1.0]
 """
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,13 +45,43 @@ class TinyConvPredictor:
             return torch.softmax(self.model(batch), dim=1)
 
 
+class PhaseSampler(logging.Handler):
+    """Samples this process's RSS every 50 ms, remembering the peak and the last log line before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import psutil
+
+        self.process = psutil.Process()
+        self.phase, self.peak, self.peak_phase = "start", 0, "start"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.phase = record.getMessage()[:80]
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.05):
+            rss = self.process.memory_info().rss
+            if rss > self.peak:
+                self.peak, self.peak_phase = rss, self.phase
+
+
 def run_one(slide: Path, out: Path, mpp: float, window: int, workers: int, batch_size: int) -> dict:
     """Segment one slide here and report the peaks (called in a fresh subprocess)."""
     from wsiseg.engine.run import run_slide
+    from wsiseg.progress import get_logger
 
+    predictor = TinyConvPredictor()
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sampler = PhaseSampler()
+    get_logger().addHandler(sampler)
+    get_logger().setLevel(logging.INFO)
     started = time.perf_counter()
-    summary = run_slide(slide, TinyConvPredictor(), out, mpp=mpp, window=window, overlap=0.25,
+    summary = run_slide(slide, predictor, out, mpp=mpp, window=window, overlap=0.25,
                         batch_size=batch_size, device="cpu", workers=workers, overwrite=True, show_progress=False)
+    sampler.stop.set()
     return {
         "slide": slide.name,
         "mask": f"{summary['width']}x{summary['height']}",
@@ -58,6 +90,8 @@ def run_one(slide: Path, out: Path, mpp: float, window: int, workers: int, batch
         "tiles_per_s": round(summary["tiles_per_s"], 1),
         "peak_rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_reader_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "rss_after_imports_mb": baseline,
+        "peak_phase": sampler.peak_phase,
     }
 
 
