@@ -130,11 +130,13 @@ class MaskStore:
         colors = [tuple(int(v) for v in c[:3]) for c in (colors or default_colors(num_classes))]
         dtype = "uint8" if num_classes <= 255 else "uint16"
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        group.create_array("0", shape=(height, width), chunks=(chunk, chunk), dtype=dtype, fill_value=0)
+        group.create_array(
+            "0", shape=(height, width), chunks=(chunk, chunk), dtype=dtype, fill_value=0, dimension_names=("y", "x")
+        )
         if probabilities:
             group.create_array(
                 "probabilities", shape=(num_classes, height, width), chunks=(num_classes, chunk, chunk),
-                dtype="float16", fill_value=0,
+                dtype="float16", fill_value=0, dimension_names=("c", "y", "x"),
             )
         group.attrs["wsiseg"] = {
             "width": int(width), "height": int(height), "mpp": float(mpp),
@@ -282,6 +284,7 @@ class MaskStore:
         chunk = self.chunk
         array = self.group.create_array(
             str(index), shape=shape, chunks=(chunk, chunk), dtype=previous.dtype, fill_value=0, overwrite=True,
+            dimension_names=("y", "x"),
         )
         for y in range(0, shape[0], chunk):
             array[y : y + chunk] = mode_downsample(np.asarray(previous[2 * y : 2 * (y + chunk)]))[:, : shape[1]]
@@ -308,7 +311,6 @@ class MaskStore:
                 }
             ],
             "image-label": {
-                "version": "0.5",
                 "colors": [
                     {"label-value": label, "rgba": [*color, 0 if label == self.background else 255]}
                     for label, color in enumerate(self.colors)
