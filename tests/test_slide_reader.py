@@ -170,6 +170,16 @@ def test_upsampling_and_its_limit(samples):
             slide.size_at(0.1)
 
 
+@pytest.mark.parametrize("key", ["cmu_svs", "cmu_pyramid_tiff", "hgsc_image"])
+def test_planar_reads_match_reads(samples, key):
+    with open_slide(samples[key], slide_mpp=0.499 if key == "hgsc_image" else None) as slide:
+        for x, y, w, h, mpp in [(300, 500, 96, 64, 0.499), (2150, 2900, 100, 100, 0.499), (-20, 10, 50, 40, 0.499),
+                                (200, 300, 64, 64, 1.0)]:
+            planar = slide.read_planar(x, y, w, h, mpp)
+            assert planar.shape == (3, h, w) and planar.flags.c_contiguous
+            assert np.array_equal(planar, slide.read(x, y, w, h, mpp).transpose(2, 0, 1))
+
+
 def test_slide_pickles_by_path_and_reopens(samples):
     slide = open_slide(samples["cmu_svs"])
     before = slide.read(500, 500, 32, 32, 1.0)

@@ -25,12 +25,19 @@ OME_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 
 
 def on_white(rgba: np.ndarray) -> np.ndarray:
     """Composite straight-alpha RGBA onto white, returning RGB uint8 (a view of `rgba` where it is opaque)."""
-    alpha = rgba[..., 3:4]
-    if alpha.min() == 255:
+    if opaque(rgba):
         return rgba[..., :3]
+    alpha = rgba[..., 3:4]
     a = alpha.astype(np.uint16)
     rgb = rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a)
     return ((rgb + 127) // 255).astype(np.uint8)
+
+
+def opaque(rgba: np.ndarray) -> bool:
+    """Whether every pixel of an RGBA array has alpha 255 (fast on contiguous little-endian arrays)."""
+    if np.little_endian and rgba.flags.c_contiguous and rgba.dtype == np.uint8:
+        return bool(rgba.view(np.uint32).min() >= 0xFF000000)
+    return bool(rgba[..., 3].min() == 255)
 
 
 def paste(source_read, level_w: int, level_h: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -76,6 +83,10 @@ class Backend:
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         raise NotImplementedError
+
+    def read_planar(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Like `read`, as a contiguous (3, h, w) array."""
+        return np.ascontiguousarray(self.read(level, x, y, w, h).transpose(2, 0, 1))
 
     def offset(self, level: int, x: int, y: int) -> tuple[float, float]:
         """Where, in level pixels relative to (x, y), a read at (x, y) really starts (sub-pixel)."""
@@ -136,17 +147,29 @@ class OpenSlideBackend(Backend):
         x, y = max(x, 0), max(y, 0)
         return round(x * downsample) / downsample - x, round(y * downsample) / downsample - y
 
+    def read_planar(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        level_w, level_h = self.level_dimensions[level]
+        if x < 0 or y < 0 or x + w > level_w or y + h > level_h:
+            return super().read_planar(level, x, y, w, h)
+        image = self._image(level, x, y, w, h)
+        bands = image.split()
+        if bands[3].getextrema()[0] == 255:  # opaque: the colour bands as they are, no interleaved copy
+            return np.stack([np.asarray(band) for band in bands[:3]])
+        return np.ascontiguousarray(on_white(np.asarray(image)).transpose(2, 0, 1))
+
     def _region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        return on_white(np.asarray(self._image(level, x, y, w, h)))
+
+    def _image(self, level: int, x: int, y: int, w: int, h: int) -> Image.Image:
         downsample = self.level_downsamples[level]
         location = (int(round(x * downsample)), int(round(y * downsample)))
         try:
-            region = self.handle.read_region(location, level, (w, h))
+            return self.handle.read_region(location, level, (w, h))
         except openslide.OpenSlideError as error:
             raise WsisegError(
                 f"{self.name} is corrupt: reading {w}x{h} at {location} (level {level}) failed ({error}); "
                 "check the file or re-export it"
             ) from None
-        return on_white(np.asarray(region))
 
     def close(self) -> None:
         self.handle.close()

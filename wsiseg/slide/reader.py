@@ -157,6 +157,14 @@ class Slide:
         """
         return self.read_scaled(x, y, width, height, self.scale_for(mpp))
 
+    def read_planar(self, x: int, y: int, width: int, height: int, mpp: float) -> np.ndarray:
+        """Like `read`, as a contiguous (3, height, width) array (the layout of tile stores)."""
+        scale = self.scale_for(mpp)
+        if abs(scale - 1.0) < 1e-9:
+            bounds = self.backend.bounds
+            return self.backend.read_planar(0, bounds.x + x, bounds.y + y, width, height)
+        return np.ascontiguousarray(self.read_scaled(x, y, width, height, scale).transpose(2, 0, 1))
+
     def read_scaled(self, x: int, y: int, width: int, height: int, scale: float) -> np.ndarray:
         """Like `read`, with the resolution given as level-0 pixels per output pixel."""
         if width <= 0 or height <= 0:

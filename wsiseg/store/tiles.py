@@ -251,14 +251,14 @@ class ChunkWriter:
         self.encode_key = metadata.chunk_key_encoding.encode_chunk_key
         self.channels, self.tile, _ = metadata.chunk_grid.chunk_shape  # type: ignore[attr-defined]
 
-    def write(self, x: int, y: int, pixels: np.ndarray) -> None:
-        """Store RGB `pixels` (h, w, 3) as the chunk whose corner is (x, y); the rest of the chunk is white."""
-        height, width = pixels.shape[:2]
-        if (height, width) == (self.tile, self.tile):
-            chunk = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    def write(self, x: int, y: int, planar: np.ndarray) -> None:
+        """Store (3, h, w) `planar` pixels as the chunk whose corner is (x, y); the rest of the chunk is white."""
+        _, height, width = planar.shape
+        if (height, width) == (self.tile, self.tile) and planar.flags.c_contiguous:
+            chunk = planar
         else:
             chunk = np.full((self.channels, self.tile, self.tile), 255, np.uint8)
-            chunk[:, :height, :width] = pixels.transpose(2, 0, 1)
+            chunk[:, :height, :width] = planar
         target = self.root / self.encode_key((0, y // self.tile, x // self.tile))
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -303,5 +303,5 @@ def write_tiles(
     writer = _worker_writer(array_path, shape)
     _, height, width = shape
     for x, y in positions:
-        writer.write(x, y, reader.read(x, y, min(tile, width - x), min(tile, height - y), mpp))
+        writer.write(x, y, reader.read_planar(x, y, min(tile, width - x), min(tile, height - y), mpp))
     return len(positions)
