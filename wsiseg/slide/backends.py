@@ -147,16 +147,6 @@ class OpenSlideBackend(Backend):
         x, y = max(x, 0), max(y, 0)
         return round(x * downsample) / downsample - x, round(y * downsample) / downsample - y
 
-    def read_planar(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        level_w, level_h = self.level_dimensions[level]
-        if x < 0 or y < 0 or x + w > level_w or y + h > level_h:
-            return super().read_planar(level, x, y, w, h)
-        image = self._image(level, x, y, w, h)
-        bands = image.split()
-        if bands[3].getextrema()[0] == 255:  # opaque: the colour bands as they are, no interleaved copy
-            return np.stack([np.asarray(band) for band in bands[:3]])
-        return np.ascontiguousarray(on_white(np.asarray(image)).transpose(2, 0, 1))
-
     def _region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         return on_white(np.asarray(self._image(level, x, y, w, h)))
 
