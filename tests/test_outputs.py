@@ -39,6 +39,6 @@ def test_existing_output_needs_overwrite(tmp_path):
 def test_unwritable_folder_is_a_user_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(WsisegError, match="cannot create output folder"):
+    with pytest.raises(WsisegError, match="cannot create the output folder"):
         with atomic_output(blocker / "sub" / "out.zarr"):
             pass

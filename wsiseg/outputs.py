@@ -25,7 +25,10 @@ def check_writable(final: Path, overwrite: bool) -> None:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise WsisegError(f"cannot create output folder {parent}: {error.strerror}; choose a writable --out") from None
+        raise WsisegError(
+            f"cannot create the output folder {parent} ({error.strerror}: a file may stand in its path); "
+            "choose a writable --out"
+        ) from None
     probe = parent / f".{final.name}.write-test"
     try:
         probe.touch()

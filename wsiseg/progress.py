@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -70,24 +71,37 @@ class RateColumn(ProgressColumn):
 
 
 @contextmanager
-def progress_bar(total: int | None, description: str, unit: str = "tiles", disable: bool = False) -> Iterator:
-    """A progress bar showing count, rate and ETA; yields `advance(n=1)`."""
+def progress_bar(
+    total: int | None,
+    description: str,
+    unit: str = "tiles",
+    disable: bool = False,
+    fields: dict[str, str] | None = None,
+) -> Iterator:
+    """A progress bar on stderr with count, rate and ETA; yields `advance(n=1, **values)`.
+
+    `fields` maps extra live values to their format (for example {"loss": ".4f"}); pass the
+    new values to `advance` as keywords.
+    """
+    extra = [TextColumn(" ".join(f"{name} {{task.fields[{name}]:{spec}}}" for name, spec in fields.items()))] if fields else []
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
         RateColumn(),
+        *extra,
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
+        console=Console(stderr=True),
         disable=disable,
         transient=False,
     )
     with progress:
-        task = progress.add_task(description, total=total, unit=unit)
+        task = progress.add_task(description, total=total, unit=unit, **{name: float("nan") for name in fields or {}})
 
-        def advance(n: int = 1) -> None:
-            progress.advance(task, n)
+        def advance(n: int = 1, **values: float) -> None:
+            progress.update(task, advance=n, **values)
 
         yield advance

@@ -26,7 +26,7 @@ from wsiseg.config import dump_config, load_config
 from wsiseg.engine.predictors import SegmenterPredictor, autocast_dtype
 from wsiseg.errors import WsisegError
 from wsiseg.metrics import MetricAccumulator, format_metrics
-from wsiseg.progress import get_logger, log_to_file
+from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.train.augment import TrainTransform
 from wsiseg.train.data import SegmentationDataset, split_entries
 from wsiseg.train.infer import predict_image, to_tensor
@@ -283,10 +283,6 @@ class Trainer:
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training loader; returns mean loss, its terms, lr and speed."""
-        from wsiseg.progress import RateColumn
-
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         training = self.config["training"]
         accum, clip = training["grad_accum"], training["clip_grad"]
         self.net.train()
@@ -296,12 +292,8 @@ class Trainer:
         totals: dict[str, float] = {}
         loss_sum, images, started = 0.0, 0, time.perf_counter()
         batches = len(self.loader)
-        columns = (TextColumn(f"[bold]epoch {epoch + 1}/{training['epochs']}"), BarColumn(), MofNCompleteColumn(),
-                   RateColumn(), TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e}"),
-                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-        with Progress(*columns, disable=not self.dist.main, transient=False) as progress:
-            task = progress.add_task("train", total=len(self.loader.sampler), unit="img", loss=float("nan"),
-                                     lr=self.optimizer.param_groups[0]["lr"])
+        with progress_bar(len(self.loader.sampler), f"epoch {epoch + 1}/{training['epochs']}", unit="img",
+                          disable=not self.dist.main, fields={"loss": ".4f", "lr": ".2e"}) as advance:
             for index, batch in enumerate(self.loader):
                 image = batch["image"].to(self.device, non_blocking=True)
                 mask = batch["mask"].to(self.device, non_blocking=True)
@@ -325,8 +317,7 @@ class Trainer:
                 images += image.shape[0]
                 for name, term in self.criterion.last.items():
                     totals[name] = totals.get(name, 0.0) + term * image.shape[0]
-                progress.update(task, advance=image.shape[0], loss=loss_sum / images,
-                                lr=self.optimizer.param_groups[0]["lr"])
+                advance(image.shape[0], loss=loss_sum / images, lr=self.optimizer.param_groups[0]["lr"])
                 if self.dist.main and (index + 1) % self.config["logging"]["log_every"] == 0:
                     log.debug("epoch %d batch %d/%d loss %.4f", epoch + 1, index + 1, batches, value)
         seconds = time.perf_counter() - started
