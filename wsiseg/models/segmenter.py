@@ -122,16 +122,16 @@ def build_segmenter(model_cfg: dict[str, Any], num_classes: int, load_weights: b
         backbone = build_backbone(cfg["name"], None, device="cpu", **backbone_options)
     else:
         backbone = build_backbone(cfg["name"], cfg["pfm_weights_path"], device="cpu", **backbone_options)
+    progressive = cfg["decoder"] == "progressive"
     if is_vit(backbone):
-        progressive = cfg["decoder"] == "progressive"
         layers = vit_layers(backbone, 1 if progressive else FUSED_VIT_LAYERS)
-        dims, strides = [spec.embed_dim] * len(layers), [spec.patch_size] * len(layers)
+        dims = [backbone.embed_dim] * len(layers)
+        strides = [backbone.patch_embed.patch_size[0]] * len(layers)
     else:
-        progressive = cfg["decoder"] == "progressive"
-        count = len(spec.feature_dims)
-        layers = [count - 1] if progressive else [i for i, s in enumerate(spec.feature_strides) if s >= 4]
-        dims = [spec.feature_dims[i] for i in layers]
-        strides = [spec.feature_strides[i] for i in layers]
+        all_strides = backbone.feature_info.reduction()
+        layers = [len(all_strides) - 1] if progressive else [i for i, s in enumerate(all_strides) if s >= 4]
+        dims = [backbone.feature_info.channels()[i] for i in layers]
+        strides = [all_strides[i] for i in layers]
     decoder = build_decoder(cfg["decoder"], dims, strides, int(num_classes))
     backbone = apply_finetune(backbone, cfg["finetune_mode"], cfg["lora_r"], cfg["lora_alpha"],
                               cfg["lora_dropout"], cfg["lora_target_modules"])
