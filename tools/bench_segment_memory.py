@@ -54,6 +54,7 @@ class PhaseSampler(logging.Handler):
 
         self.process = psutil.Process()
         self.phase, self.peak, self.peak_phase = "start", 0, "start"
+        self.timeline: list[int] = []  # RSS once a second
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -62,8 +63,12 @@ class PhaseSampler(logging.Handler):
         self.phase = record.getMessage()[:80]
 
     def _run(self) -> None:
+        ticks = 0
         while not self.stop.wait(0.05):
             rss = self.process.memory_info().rss
+            ticks += 1
+            if ticks % 20 == 0:
+                self.timeline.append(rss)
             if rss > self.peak:
                 self.peak, self.peak_phase = rss, self.phase
 
@@ -92,6 +97,7 @@ def run_one(slide: Path, out: Path, mpp: float, window: int, workers: int, batch
         "peak_rss_reader_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "rss_after_imports_mb": baseline,
         "peak_phase": sampler.peak_phase,
+        "rss_timeline_mb": [round(v / 2**20) for v in sampler.timeline[:: max(1, len(sampler.timeline) // 12)]],
     }
 
 
