@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tests.conftest import assert_user_error, run_cli
+from wsiseg.cli import main
 from wsiseg.errors import WsisegError
 from wsiseg.models import registry
 
@@ -93,10 +94,9 @@ def test_meta_build_holds_no_data() -> None:
     assert all(p.is_meta for p in model.parameters())
 
 
-def test_models_json_cli_lists_every_name() -> None:
-    result = run_cli("models", "--json")
-    assert result.returncode == 0, result.stderr
-    rows = {row["name"]: row for row in json.loads(result.stdout)}
+def test_models_json_cli_lists_every_name(capsys: pytest.CaptureFixture) -> None:
+    main(["models", "--json"])  # in-process: the same command a user runs, without a second interpreter
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     assert set(rows) == set(registry.names())
     assert rows["musk"]["supported"] is False and "not build it yet" in rows["musk"]["reason"]
     for name, (dim, patch, prefix, millions) in REFERENCE.items():
@@ -108,3 +108,11 @@ def test_models_json_cli_lists_every_name() -> None:
 
 def test_merge_cli_missing_checkpoint_is_one_line_error(tmp_path) -> None:
     assert_user_error(run_cli("merge", tmp_path / "none.pth", "--out", tmp_path / "m.pth"), "checkpoint not found")
+
+
+def test_models_table(capsys: pytest.CaptureFixture) -> None:
+    main(["models"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["name", "dim", "patch", "prefix"]
+    assert any(line.startswith("musk") and "not supported yet" in line for line in lines)
+    assert any(line.split()[:6] == ["uni_v2", "1536", "14", "9", "14", "681.39M"] for line in lines)

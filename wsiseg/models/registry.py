@@ -263,6 +263,7 @@ def efficientnet_lite0_imagenet(classifier: bool = False, **kw: Any) -> Any:
     return timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, **kw)
 
 
+@lru_cache(maxsize=None)
 def _timm_entry(name: str) -> Entry:
     """An entry for `timm:<architecture>`: a ViT trunk or a CNN feature extractor."""
     import timm
