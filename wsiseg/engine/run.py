@@ -148,6 +148,26 @@ def resample_rows(scores: np.ndarray, out_height: int, out_width: int, row0: int
     return rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def bound_heap_growth() -> None:
+    """Serve every allocation over 1 MB by mmap, so freed stripe buffers go back to the system.
+
+    glibc raises its mmap threshold after each large free, so the tens-of-MB temporaries of a
+    long run end up kept in the heap: measured +400-900 MB of resident memory on a 60,000-pixel
+    slide, varying from run to run. A fixed threshold keeps the resident size flat (no-op off glibc).
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        return
+
+
 class BackgroundWriter:
     """Hands finished stripes to `write` in a thread, in order, so the device never waits on disk."""
 
@@ -315,6 +335,7 @@ def run_slide(
     the mask store's chunks, which is also the granularity of resuming.
     """
     started = time.perf_counter()
+    bound_heap_growth()
     out_dir = Path(out_dir)
     if mode not in MODES:
         raise WsisegError(f"unknown mode {mode!r}: use windowslide or resize")
