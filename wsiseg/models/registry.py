@@ -350,7 +350,8 @@ def list_specs() -> list[BackboneSpec | Entry]:
 def build_backbone(name: str, weights_path: str | Path | None = None, device: str = "meta", **kwargs: Any) -> Any:
     """Build a backbone; with `weights_path` load it (meta build + assign), else default or random weights.
 
-    `device="meta"` without weights gives a parameter-free skeleton (instant, for inspection).
+    `device="meta"` without weights gives a parameter-free skeleton (instant, for inspection);
+    with weights, "meta" means the CPU.
     A registry entry with default weights (efficientnet_lite0_imagenet) uses them when
     `weights_path` is None. Random initialisation is logged as a warning.
     """
