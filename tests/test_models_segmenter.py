@@ -8,7 +8,7 @@ import torch
 from wsiseg.errors import WsisegError
 from wsiseg.models import registry
 from wsiseg.models.features import token_features
-from wsiseg.models.finetune import apply_finetune, find_targets, trunk
+from wsiseg.models.finetune import apply_finetune, trunk
 from wsiseg.models.segmenter import build_segmenter
 
 TINY = {"name": "timm:vit_tiny_patch16_224", "pfm_weights_path": None}
@@ -99,14 +99,6 @@ def test_cnn_batchnorm_statistics_stay_unless_full(samples, mode: str) -> None:
     moved = changed(before, model.backbone)
     assert all("lora_" in k for k in moved)
     assert (len(moved) > 0) == (mode == "lora")
-
-
-@pytest.mark.parametrize("name", [n for n in registry.names() if n not in ("musk", "efficientnet_lite0_imagenet")])
-def test_lora_targets_found_in_every_registry_vit(name: str) -> None:
-    skeleton = registry.create(name, "meta")
-    depth = len(skeleton.blocks)
-    assert len(find_targets(skeleton, ["qkv", "proj"])) == 2 * depth
-    assert len(find_targets(skeleton, ["qkv", "proj", "fc1", "fc2"])) == 4 * depth
 
 
 @pytest.mark.parametrize("name", ["uni_v2", "phikon"])

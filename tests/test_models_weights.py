@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from wsiseg.errors import WsisegError
 from wsiseg.models import registry, weights
+from wsiseg.models.finetune import find_targets
 from wsiseg.models.weights import load_backbone_weights
 
 TINY = "timm:vit_tiny_patch16_224"
@@ -31,9 +32,13 @@ def wrapped_variants(state: dict) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("name", VITS)
-def test_real_size_state_dict_fits_on_meta(name: str) -> None:
-    """A state dict of the real-size trunk, wrapped or prefixed, fits the loader's skeleton (no data)."""
+def test_real_size_state_dict_fits_on_meta_and_lora_finds_targets(name: str) -> None:
+    """A state dict of the real-size trunk, wrapped or prefixed, fits the loader's skeleton (no data),
+    and LoRA's default targets (attention qkv and proj) exist in every block."""
     target = registry.create(name, "meta")
+    depth = len(target.blocks)
+    assert len(find_targets(target, ["qkv", "proj"])) == 2 * depth
+    assert len(find_targets(target, ["qkv", "proj", "fc1", "fc2"])) == 4 * depth
     expected = target.state_dict()
     for label, variant in wrapped_variants(dict(expected)).items():
         state = weights.strip_prefixes(weights.unwrap(variant))
