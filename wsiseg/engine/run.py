@@ -156,8 +156,8 @@ def bound_heap_growth() -> None:
     """Serve every allocation over 1 MB by mmap, so freed stripe buffers go back to the system.
 
     glibc raises its mmap threshold after each large free, so the tens-of-MB temporaries of a
-    long run end up kept in the heap: measured +400-900 MB of resident memory on a 60,000-pixel
-    slide, varying from run to run. A fixed threshold keeps the resident size flat (no-op off glibc).
+    long run end up kept in the heap: measured +600-1,100 MB of resident memory on 60,000-pixel
+    slides, varying from run to run; with a fixed threshold it stays flat (no-op off glibc).
     """
     import ctypes
 
