@@ -14,10 +14,11 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/wsiseg demo --out demo_output --overwrite
+	$(BIN)/wsiseg demo --out demo_output
 
+# One torch thread per test process: two processes on two cores beat two threads each.
 test: venv
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
