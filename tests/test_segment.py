@@ -102,7 +102,8 @@ def test_cmu_slide_end_to_end(samples: dict[str, Path], checkpoint: Path, tmp_pa
 def test_windowslide_equals_in_memory_gaussian_blend(he_png: Path, predictor: SegmenterPredictor, tmp_path: Path) -> None:
     window, overlap, batch_size, mpp = 64, 0.25, 4, 2.0
     run_slide(he_png, predictor, tmp_path / "out", mpp=mpp, window=window, overlap=overlap, batch_size=batch_size,
-              workers=0, slide_mpp=2.0, exports=(), save_probabilities=True, show_progress=False)
+              workers=0, slide_mpp=2.0, exports=(), save_probabilities=True, show_progress=False,
+              clip_to_tissue=False)
     store = MaskStore.open(tmp_path / "out" / "mask.zarr")
 
     slide = open_slide(he_png, 2.0)
@@ -121,6 +122,21 @@ def test_windowslide_equals_in_memory_gaussian_blend(he_png: Path, predictor: Se
     assert np.array_equal(store.level(0)[:], labels)
     assert np.array_equal(store.probabilities[:], probabilities.astype(np.float16))
     assert len(np.unique(labels)) > 1
+
+
+def test_pixels_outside_tissue_are_background(he_png: Path, predictor: SegmenterPredictor, tmp_path: Path) -> None:
+    options = dict(mpp=2.0, window=64, overlap=0.25, batch_size=4, workers=0, slide_mpp=2.0, exports=(),
+                   show_progress=False)
+    run_slide(he_png, predictor, tmp_path / "clipped", **options)
+    run_slide(he_png, predictor, tmp_path / "unclipped", clip_to_tissue=False, **options)
+    clipped = MaskStore.open(tmp_path / "clipped" / "mask.zarr").level(0)[:]
+    unclipped = MaskStore.open(tmp_path / "unclipped" / "mask.zarr").level(0)[:]
+    slide = open_slide(he_png, 2.0)
+    inside = tissue_mask(slide).sample_rows(0, clipped.shape[0], clipped.shape[1], 2.0)
+    assert 0 < inside.mean() < 1
+    assert (clipped[~inside] == 0).all()
+    assert (unclipped[~inside] != 0).any()  # the white half inside tissue windows got labels before clipping
+    assert np.array_equal(clipped[inside], unclipped[inside])
 
 
 class Crash(RuntimeError):

@@ -45,11 +45,13 @@ def split_k_values(slides: tuple[Path, ...], ks: tuple[str, ...]) -> tuple[list[
 @click.option("--overlap", type=float, default=0.25, show_default=True, help="Window overlap fraction.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--clip-to-tissue/--no-clip-to-tissue", default=True, show_default=True,
+              help="Give pixels outside the tissue mask the background label, even inside a tissue window.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def fseg_command(slides: tuple[Path, ...], out: Path, k: int, model: str | None, weights: Path | None,
                  bank: Path | None, mode: str, scale_before_argmax: bool, layer: int | None, mpp: float | None,
                  slide_mpp: float | None, window: int | None, overlap: float, batch_size: int, device: str,
-                 overwrite: bool) -> None:
+                 clip_to_tissue: bool, overwrite: bool) -> None:
     """Segment slides into k concepts by projecting token features onto a concept bank."""
     from wsiseg.fseg.api import fseg_slide
     from wsiseg.progress import setup_console_logging
@@ -57,7 +59,8 @@ def fseg_command(slides: tuple[Path, ...], out: Path, k: int, model: str | None,
     setup_console_logging()
     summaries = fseg_slide(list(slides), out, k=k, model=model, weights=weights, bank=bank, mode=mode,
                            scale_before_argmax=scale_before_argmax, layer=layer, mpp=mpp, slide_mpp=slide_mpp,
-                           window=window, overlap=overlap, batch_size=batch_size, device=device, overwrite=overwrite)
+                           window=window, overlap=overlap, batch_size=batch_size, device=device, overwrite=overwrite,
+                           clip_to_tissue=clip_to_tissue)
     for slide, summary in zip(slides, summaries):
         click.echo(f"{slide}: {summary.get('output', out)}")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from wsiseg.engine.blend import BLEND_MODES, StripeBlender, window_weights
+from wsiseg.engine.blend import BLEND_MODES, StripeBlender, StripeSink, window_weights
 from wsiseg.engine.predictors import BatchRunner, Predictor
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import check_writable, partial_path, publish, remove
@@ -199,6 +199,16 @@ class BackgroundWriter:
             raise self.error
 
 
+def tissue_clipped(sink: StripeSink, tissue: Any, mpp: float, width: int, background: int) -> StripeSink:
+    """A stripe sink that gives the pixels outside the tissue mask the background label."""
+
+    def write(y0: int, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
+        inside = tissue.sample_rows(y0, labels.shape[0], width, mpp)
+        sink(y0, np.where(inside, labels, background), probabilities)
+
+    return write
+
+
 def _fingerprint(view: SourceView, settings: dict[str, Any], predictor: Predictor) -> dict[str, Any]:
     stat = view.path.stat() if view.path.is_file() else None
     return {
@@ -215,6 +225,7 @@ def _predict_windows(
     view: SourceView,
     positions: list[tuple[int, int]],
     store: MaskStore,
+    sink: StripeSink,
     predictor: Predictor,
     settings: dict[str, Any],
     device: Any,
@@ -230,7 +241,7 @@ def _predict_windows(
     first_needed = next((i for i, (_, y) in enumerate(positions) if y + window > start_row), len(positions))
     first_batch = first_needed // batch_size
     advance(first_batch * batch_size)
-    writer = BackgroundWriter(store.write_rows)
+    writer = BackgroundWriter(sink)
     blender = StripeBlender(
         view.width, view.height, window, predictor.num_outputs, window_weights(window, settings["blend"]),
         writer, background=settings["background"], start_row=start_row, device=device,
@@ -257,6 +268,7 @@ def _predict_regions(
     view: SourceView,
     regions: list[tuple[int, int, int, int]],
     store: MaskStore,
+    sink: StripeSink,
     predictor: Predictor,
     settings: dict[str, Any],
     device: Any,
@@ -302,7 +314,7 @@ def _predict_regions(
         probabilities = total / np.where(covered, weight, 1)[None]
         labels = np.argmax(probabilities, axis=0)
         labels[~covered] = settings["background"]
-        store.write_rows(row0, labels, probabilities if store.probabilities is not None else None)
+        sink(row0, labels, probabilities if store.probabilities is not None else None)
     return len(regions)
 
 
@@ -326,13 +338,15 @@ def run_slide(
     model_info: dict[str, Any] | None = None,
     show_progress: bool = True,
     chunk: int = 512,
+    clip_to_tissue: bool = True,
 ) -> dict[str, Any]:
     """Segment one slide or tile store with `predictor` into `out_dir`; returns the run summary.
 
     Outputs: mask.zarr (always), the `exports` (mask.tif, mask.ome.tif, overlay.png,
     mask.geojson) and summary.json; the log goes to segment.log. A partial run left in
     `out_dir` by an interrupted run with the same settings is resumed. `chunk` is the side of
-    the mask store's chunks, which is also the granularity of resuming.
+    the mask store's chunks, which is also the granularity of resuming. With `clip_to_tissue`,
+    pixels outside the tissue mask get the background label even inside a tissue window.
     """
     started = time.perf_counter()
     bound_heap_growth()
@@ -370,6 +384,7 @@ def run_slide(
         settings = {
             "mode": mode, "mpp": float(mpp), "window": int(window), "stride": stride, "blend": blend,
             "background": int(background), "probabilities": bool(save_probabilities), "model": model_info or {},
+            "clip_to_tissue": bool(clip_to_tissue),
         }
         store = MaskStore.resume_or_create(
             partial_path(paths["mask"]),
@@ -379,6 +394,7 @@ def run_slide(
             probabilities=save_probabilities, background=background, chunk=chunk,
         )
         resumed_from = store.rows_done
+        sink = tissue_clipped(store.write_rows, tissue, mpp, view.width, background) if clip_to_tissue else store.write_rows
         if resumed_from:
             log.info("resuming: rows 0..%d of %d were finished by an earlier run", resumed_from, view.height)
 
@@ -392,7 +408,7 @@ def run_slide(
             log.info("%d of %d windows hold tissue (%d px, stride %d)", total, len(grid), window, stride)
             with progress_bar(total, f"segment {view.path.name}", "tiles", disable=not show_progress) as advance:
                 run_count = _predict_windows(
-                    view, positions, store, predictor, settings, torch_device, workers, batch_size, advance
+                    view, positions, store, sink, predictor, settings, torch_device, workers, batch_size, advance
                 )
             grid_total = len(grid)
         else:
@@ -400,7 +416,7 @@ def run_slide(
             total = grid_total = len(regions)
             log.info("%d tissue regions, each resized to %d px", total, window)
             with progress_bar(total, f"segment {view.path.name}", "regions", disable=not show_progress) as advance:
-                run_count = _predict_regions(view, regions, store, predictor, settings, torch_device, advance)
+                run_count = _predict_regions(view, regions, store, sink, predictor, settings, torch_device, advance)
         timings["predict_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()

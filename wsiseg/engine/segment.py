@@ -94,6 +94,7 @@ def segment_slide(
     precision: str | None = None,
     show_progress: bool = True,
     predictor: Any = None,
+    clip_to_tissue: bool = True,
 ) -> dict[str, Any]:
     """Segment one slide (file or tile store) with a trained checkpoint into folder `out`; returns the summary.
 
@@ -119,7 +120,7 @@ def segment_slide(
         device=str(torch_device), workers=workers, mode=mode,
         background=background_label(predictor.class_names, background), slide_mpp=slide_mpp,
         overwrite=overwrite, save_probabilities=save_probabilities, exports=exports, model_info=model_info,
-        show_progress=show_progress,
+        show_progress=show_progress, clip_to_tissue=clip_to_tissue,
     )
 
 

@@ -44,3 +44,12 @@ class TissueMask:
         """The mask as a bool array of another size (nearest neighbour)."""
         image = Image.fromarray(self.mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
         return np.asarray(image) > 127
+
+    def sample_rows(self, y0: int, rows: int, width: int, mpp: float) -> np.ndarray:
+        """The mask on the pixel grid of image rows y0..y0+rows (all `width` columns) at `mpp`, nearest."""
+        if self.mask.size == 0:
+            return np.zeros((rows, width), bool)
+        factor = mpp / self.mpp
+        ys = np.minimum(((np.arange(y0, y0 + rows) + 0.5) * factor).astype(np.intp), self.mask.shape[0] - 1)
+        xs = np.minimum(((np.arange(width) + 0.5) * factor).astype(np.intp), self.mask.shape[1] - 1)
+        return self.mask[np.ix_(ys, xs)]
