@@ -89,7 +89,7 @@ def end_to_end(device: str, k: int = 8, mpp: float = 0.5, window: int = 512, bat
                                     batch_size=batch_size, device=device)[0]
         results["fseg"] = {"tiles_per_s": summary["tiles_per_s"], "windows": summary["windows_run"],
                            "timings": summary["timings"]}
-        from wsiseg.engine.run import resolve_device
+        from wsiseg.devices import resolve_device
 
         resolved = resolve_device(device)
         model = build_segmenter({"name": "efficientnet_lite0_imagenet", "decoder": "fused", "finetune_mode": "frozen",
@@ -112,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from wsiseg.fseg.features import resolve_device
+    from wsiseg.devices import resolve_device
 
     device = str(resolve_device(args.device))
     report = {"device": device, "torch_threads": torch.get_num_threads(),

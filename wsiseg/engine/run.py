@@ -23,6 +23,7 @@ import numpy as np
 
 from wsiseg.engine.blend import BLEND_MODES, StripeBlender, StripeSink, window_weights
 from wsiseg.engine.predictors import BatchRunner, Predictor
+from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import check_writable, partial_path, publish, remove
 from wsiseg.progress import get_logger, log_to_file, progress_bar
@@ -102,20 +103,6 @@ def output_paths(out_dir: Path, exports: Sequence[str]) -> dict[str, Path]:
             raise WsisegError(f"unknown export format {fmt!r}: use any of {', '.join(FORMATS)}")
         paths[fmt] = out_dir / FORMATS[fmt]
     return paths
-
-
-def resolve_device(device: str | None) -> Any:
-    """A torch device from "auto" / "cpu" / "cuda[:n]", refusing CUDA where there is none."""
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise WsisegError(f"device {device} was asked for but no CUDA GPU is available: use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise WsisegError(f"unknown device {device!r}: use auto, cpu or cuda") from None
 
 
 def tissue_regions(tissue: Any, mpp: float, width: int, height: int) -> list[tuple[int, int, int, int]]:

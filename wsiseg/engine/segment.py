@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from wsiseg.engine.run import DEFAULT_EXPORTS, resolve_device, run_slide
+from wsiseg.devices import resolve_device
+from wsiseg.engine.run import DEFAULT_EXPORTS, run_slide
 from wsiseg.errors import WsisegError
 from wsiseg.progress import get_logger
 

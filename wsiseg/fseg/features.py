@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
 
 if TYPE_CHECKING:
@@ -13,21 +14,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "efficientnet_lite0_imagenet"
 DEFAULT_LAYER = -1  # the last ViT block (before the final norm) or the deepest CNN stage
-
-
-def resolve_device(device: str = "auto") -> "torch.device":
-    """`auto` -> CUDA when present, else CPU; anything else as given (WsisegError if unavailable)."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise WsisegError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise WsisegError(f"device {device} requested but no CUDA GPU is available: use --device cpu")
-    return resolved
 
 
 @dataclass

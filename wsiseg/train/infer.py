@@ -145,7 +145,7 @@ def infer_images(config: str | Path | None, checkpoint: str | Path, input_json: 
     from wsiseg.progress import progress_bar
     from wsiseg.store.masks import default_colors
     from wsiseg.train.data import SegmentationDataset, split_entries
-    from wsiseg.train.trainer import resolve_device
+    from wsiseg.devices import resolve_device
 
     if mode not in MODES:
         raise WsisegError(f"unknown --resize_or_windowslide {mode!r}: choose one of {', '.join(MODES)}")

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from wsiseg.config import dump_config, load_config
 from wsiseg.engine.predictors import SegmenterPredictor, autocast_dtype
+from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
 from wsiseg.metrics import MetricAccumulator, format_metrics
 from wsiseg.progress import get_logger, log_to_file, progress_bar
@@ -35,19 +36,6 @@ from wsiseg.train.losses import CombinedLoss
 log = get_logger("train")
 
 HISTORY_METRICS = ("mdice", "dice_no_bg", "dice_foreground", "miou", "pixel_acc")
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; a clear error for an unavailable device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise WsisegError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise WsisegError(f"device {name} requested but no CUDA GPU is available: use --device cpu")
-    return device
 
 
 def seed_everything(seed: int) -> None:
