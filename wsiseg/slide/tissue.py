@@ -36,9 +36,10 @@ def detect_tissue(
     so a blank slide stays empty) are tissue; then a closing and an opening (disk radii in
     pixels), removal of components smaller than `min_area_px`, and filling of holes.
     """
-    rgb = np.asarray(thumbnail_rgb, dtype=np.float32)
-    high, low = rgb.max(axis=2), rgb.min(axis=2)
-    saturation = np.where(high > 0, (high - low) / np.maximum(high, 1), 0.0)
+    rgb = np.asarray(thumbnail_rgb)
+    high, low = rgb.max(axis=2), rgb.min(axis=2)  # in the input's dtype: no float copy of the RGB image
+    saturation = np.zeros(high.shape, np.float32)
+    np.divide(high - low, high, out=saturation, where=high > 0, dtype=np.float32)
     saturation = ndimage.uniform_filter(saturation, size=3)
     if threshold is None:
         spread = float(saturation.max() - saturation.min())
@@ -48,11 +49,20 @@ def detect_tissue(
         mask = morphology.closing(mask, morphology.disk(closing_px))
     if opening_px > 0:
         mask = morphology.opening(mask, morphology.disk(opening_px))
-    if min_area_px > 0:
-        mask = morphology.remove_small_objects(mask, max_size=min_area_px - 1) if mask.any() else mask
+    if min_area_px > 1 and mask.any():
+        mask = _drop_small_components(mask, min_area_px)
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     return np.asarray(mask, dtype=bool)
+
+
+def _drop_small_components(mask: np.ndarray, min_area_px: int) -> np.ndarray:
+    """Keep the 4-connected components of at least `min_area_px` pixels (int32 labels: a third of
+    the memory skimage's remove_small_objects takes on large thumbnails)."""
+    labels, _ = ndimage.label(mask, output=np.int32)
+    keep = np.bincount(labels.ravel()) >= min_area_px
+    keep[0] = False
+    return keep[labels]
 
 
 def mask_mpp_for(slide: Slide, mask_mpp: float | None = None) -> float:
