@@ -25,10 +25,11 @@ from wsiseg.errors import WsisegError
 
 PROGRESS_FILE = "progress.json"
 LEVEL_MIN_SIZE = 128  # keep halving until both sides fit this
-# colours of labels 1.. when the predictor names none (label 0 is the first entry)
+# colours of labels 1.. when the predictor names none (label 0 is the first entry); the first
+# ones are those that stand out on H&E (no pinks or purples, which vanish on eosin and haematoxylin)
 PALETTE = [
-    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (0, 0, 0), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (70, 240, 240),
+    (230, 25, 75), (145, 30, 180), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
     (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
     (255, 215, 180), (0, 0, 128), (128, 128, 128),
 ]
