@@ -11,9 +11,13 @@ import pytest
 from wsiseg.samples import fetch_samples
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def samples() -> dict[str, Path]:
-    """Paths of the real sample slides, images and weights (see wsiseg.samples)."""
+    """Paths of the real sample material, fetched once per test process before any test.
+
+    Autouse: run time never downloads (efficientnet_lite0_imagenet reads its weights from the cache
+    only), so on a fresh machine the cache must be filled before the first test builds a backbone.
+    """
     return fetch_samples()
 
 

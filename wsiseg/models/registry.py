@@ -247,9 +247,10 @@ def patho3dmatrix_vision(**kw: Any) -> Any:
 
 
 def _efficientnet_weights() -> Path:
-    from wsiseg.samples import fetch_samples
+    """The verified ImageNet weights from the sample cache; never downloads (run time stays offline)."""
+    from wsiseg.samples import cached_sample
 
-    return fetch_samples()["efficientnet_lite0_pth"]
+    return cached_sample("efficientnet_lite0_pth")
 
 
 @register("efficientnet_lite0_imagenet", HALF, "EfficientNet-Lite0 (timm tf_efficientnet_lite0), ImageNet",
