@@ -42,3 +42,19 @@ def test_unwritable_folder_is_a_user_error(tmp_path):
     with pytest.raises(WsisegError, match="cannot create the output folder"):
         with atomic_output(blocker / "sub" / "out.zarr"):
             pass
+
+
+def test_run_log_file_gets_records_and_restores_the_logger(tmp_path):
+    import logging
+
+    from wsiseg.progress import get_logger, log_to_file
+
+    logger = get_logger()
+    before = logger.level
+    with log_to_file(tmp_path / "run.log"):
+        get_logger("test").info("inside the run")
+    get_logger("test").info("after the run")
+    text = (tmp_path / "run.log").read_text()
+    assert "inside the run" in text and "after the run" not in text
+    assert logger.level == before
+    assert not any(isinstance(h, logging.FileHandler) for h in logger.handlers)

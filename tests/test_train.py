@@ -106,3 +106,12 @@ def test_cli_user_errors(tmp_path: Path, samples: dict[str, Path]) -> None:
     json_path.write_text(json.dumps(document))
     with pytest.raises(WsisegError, match="split 'train' .* is empty"):
         train_model(config)
+
+
+def test_last_accumulation_group_of_an_epoch_is_averaged_over_its_own_size():
+    from wsiseg.train.trainer import accumulation_group
+
+    sizes = [accumulation_group(index, 7, 3) for index in range(7)]
+    assert sizes == [3, 3, 3, 3, 3, 3, 1]
+    assert [accumulation_group(index, 4, 1) for index in range(4)] == [1, 1, 1, 1]
+    assert [accumulation_group(index, 4, 8) for index in range(4)] == [4, 4, 4, 4]

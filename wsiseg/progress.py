@@ -18,7 +18,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.progress import ProgressColumn
+from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
 LOGGER_NAME = "wsiseg"
@@ -51,6 +51,7 @@ def log_to_file(path: Path, level: int = logging.INFO) -> Iterator[Path]:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.setLevel(level)
     logger = get_logger()
+    previous_level = logger.level
     if logger.level == logging.NOTSET or logger.level > level:
         logger.setLevel(level)
     logger.addHandler(handler)
@@ -58,13 +59,14 @@ def log_to_file(path: Path, level: int = logging.INFO) -> Iterator[Path]:
         yield path
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(previous_level)
         handler.close()
 
 
 class RateColumn(ProgressColumn):
     """Items per second, with the unit of the task (tiles/s, windows/s, ...)."""
 
-    def render(self, task) -> Text:  # type: ignore[no-untyped-def]
+    def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         unit = task.fields.get("unit", "it")
         return Text("-" if speed is None else f"{speed:,.1f} {unit}/s", style="progress.data.speed")

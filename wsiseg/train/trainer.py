@@ -38,6 +38,11 @@ log = get_logger("train")
 HISTORY_METRICS = ("mdice", "dice_no_bg", "dice_foreground", "miou", "pixel_acc")
 
 
+def accumulation_group(index: int, batches: int, accum: int) -> int:
+    """How many batches share the optimiser step of batch `index` (the epoch's last group may be shorter)."""
+    return min(accum, batches - index // accum * accum)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -288,7 +293,7 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
                     logits = self.net(image)
                 loss = self.criterion(logits.float(), mask)
-                self.scaler.scale(loss / accum).backward()
+                self.scaler.scale(loss / accumulation_group(index, batches, accum)).backward()
                 if (index + 1) % accum == 0 or index + 1 == batches:
                     if clip:
                         self.scaler.unscale_(self.optimizer)
