@@ -96,3 +96,58 @@ def test_bad_annotations(mask: tuple[Path, np.ndarray], tmp_path: Path) -> None:
         evaluate_mask(path, foreign)
     with pytest.raises(WsisegError, match="not found"):
         evaluate_mask(path, tmp_path / "missing.geojson")
+
+
+def test_annotation_pixels_outside_the_mask_are_ignored(mask: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, labels = mask
+    folder = tmp_path / "edge"
+    folder.mkdir()
+    # a 40x40 mask-pixel tile whose right half hangs past the mask's right edge (width 100)
+    crop = np.zeros((40, 40), np.uint8)
+    crop[:, :20] = labels[0:40, 80:100]
+    Image.fromarray(np.repeat(np.repeat(crop, 2, axis=0), 2, axis=1)).save(folder / "edge.png")
+    scale = MASK_MPP / SLIDE_MPP
+    (folder / "edge.json").write_text(json.dumps({"x": ORIGIN[0] + 80 * scale, "y": ORIGIN[1], "mpp": 1.0}))
+    result = evaluate_mask(path, folder)
+    assert result["metrics"]["pixels"] == 80 * 40 and result["metrics"]["pixel_acc"] == 1.0
+
+    (folder / "edge.json").write_text(json.dumps({"x": 1e7, "y": 1e7, "mpp": 1.0}))
+    with pytest.raises(WsisegError, match="falls on the mask"):
+        evaluate_mask(path, folder)
+
+
+def test_geojson_outside_the_mask_is_an_error(mask: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, _ = mask
+    far = tmp_path / "far.geojson"
+    far.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {"classification": {"name": "tumour"}},
+        "geometry": {"type": "Polygon", "coordinates": [[[1e7, 1e7], [1e7 + 40, 1e7], [1e7 + 40, 1e7 + 40], [1e7, 1e7]]]}}]}))
+    with pytest.raises(WsisegError, match="falls on the mask"):
+        evaluate_mask(path, far)
+
+
+def test_malformed_annotation_files(mask: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, labels = mask
+    sidecars = tmp_path / "sidecars"
+    sidecars.mkdir()
+    _tile(sidecars, "a", labels, 0, 0, 10)
+    (sidecars / "a.json").write_text("{not json")
+    with pytest.raises(WsisegError, match=r"a\.json is not valid JSON.*fix"):
+        evaluate_mask(path, sidecars)
+
+    indexed = tmp_path / "indexed"
+    indexed.mkdir()
+    entry = _tile(indexed, "b", labels, 0, 0, 10, sidecar=False)
+    (indexed / "tiles.json").write_text(json.dumps([{**entry, "mask": "gone.png"}]))
+    with pytest.raises(WsisegError, match=r"gone\.png not found.*tiles\.json"):
+        evaluate_mask(path, indexed)
+    (indexed / "tiles.json").write_text(json.dumps([{key: entry[key] for key in ("x", "y", "mpp")}]))
+    with pytest.raises(WsisegError, match=r"tiles\.json.*\"mask\""):
+        evaluate_mask(path, indexed)
+
+    big = tmp_path / "big.geojson"
+    big.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {"class": 300},
+        "geometry": {"type": "Polygon", "coordinates": [[[50, 30], [90, 30], [90, 70], [50, 30]]]}}]}))
+    with pytest.raises(WsisegError, match=r"class 300 in big\.geojson.*0\.\.2"):
+        evaluate_mask(path, big)

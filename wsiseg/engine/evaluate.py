@@ -34,28 +34,43 @@ def _slide_to_mask(store: MaskStore, level: int) -> tuple[float, float, float]:
     return slide_mpp / level_mpp, float(store.origin[0]), float(store.origin[1])
 
 
-def _sample(store: MaskStore, level: int, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Labels of the mask level on the grid of float column positions `xs` x row positions `ys` (nearest)."""
+def _inside(store: MaskStore, level: int, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Bool (len(rows), len(cols)): which of these mask-level pixels lie within the mask's extent."""
+    height, width = store.level(level).shape
+    return ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))[None, :]
+
+
+def _sample(store: MaskStore, level: int, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of the mask level on the grid of float positions `xs` x `ys` (nearest), and where they lie on the mask."""
     cols, rows = np.floor(xs).astype(np.int64), np.floor(ys).astype(np.int64)
     x0, y0 = int(cols.min()), int(rows.min())
     box = store.read(x0, y0, int(cols.max()) - x0 + 1, int(rows.max()) - y0 + 1, level)
-    return box[np.ix_(rows - y0, cols - x0)]
+    return box[np.ix_(rows - y0, cols - x0)], _inside(store, level, cols, rows)
+
+
+def _load_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise WsisegError(f"{path} is not valid JSON ({error}): fix {what}") from None
 
 
 def _tile_entries(folder: Path) -> list[dict[str, Any]]:
     index = folder / TILE_INDEX
     if index.is_file():
-        try:
-            entries = json.loads(index.read_text())
-        except ValueError as error:
-            raise WsisegError(f"{index} is not valid JSON ({error}): fix it") from None
+        entries = _load_json(index, 'it (a list of {"mask": "NAME.png", "x": .., "y": .., "mpp": ..})')
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) and "mask" in entry for entry in entries):
+            raise WsisegError(f'{index} must be a list of entries that each name their PNG: add "mask": "NAME.png"')
         return [{**entry, "mask": folder / entry["mask"]} for entry in entries]
     entries = []
     for png in sorted(folder.glob("*.png")):
         sidecar = png.with_suffix(".json")
         if not sidecar.is_file():
             raise WsisegError(f"annotated tile {png.name} has no {sidecar.name} with its x, y and mpp: add one")
-        entries.append({**json.loads(sidecar.read_text()), "mask": png})
+        place = _load_json(sidecar, 'it ({"x": .., "y": .., "mpp": ..})')
+        if not isinstance(place, dict):
+            raise WsisegError(f'{sidecar} must be an object {{"x": .., "y": .., "mpp": ..}}: fix it')
+        entries.append({**place, "mask": png})
     if not entries:
         raise WsisegError(f"{folder} holds no annotated tiles: add PNG masks with NAME.json sidecars or a {TILE_INDEX}")
     return entries
@@ -71,6 +86,8 @@ def tile_pairs(store: MaskStore, folder: Path) -> list[tuple[np.ndarray, np.ndar
         missing = [key for key in ("x", "y", "mpp") if key not in entry]
         if missing:
             raise WsisegError(f"the entry of {Path(entry['mask']).name} lacks {', '.join(missing)}: add them")
+        if not Path(entry["mask"]).is_file():
+            raise WsisegError(f"annotated tile {entry['mask']} not found: fix its entry in {TILE_INDEX} or add the PNG")
         target = np.asarray(Image.open(entry["mask"]))
         if target.ndim != 2:
             raise WsisegError(f"{Path(entry['mask']).name} is not a single-channel label PNG: save labels as L or P mode")
@@ -79,7 +96,8 @@ def tile_pairs(store: MaskStore, folder: Path) -> list[tuple[np.ndarray, np.ndar
         slide_step = float(entry["mpp"]) / (store.slide_mpp or store.mpp)
         xs = (float(entry["x"]) + (np.arange(width) + 0.5) * slide_step - ox) * scale
         ys = (float(entry["y"]) + (np.arange(height) + 0.5) * slide_step - oy) * scale
-        pairs.append((_sample(store, 0, xs, ys), target))
+        prediction, inside = _sample(store, 0, xs, ys)
+        pairs.append((prediction, np.where(inside, target, IGNORE).astype(np.uint8)))
     return pairs
 
 
@@ -108,10 +126,7 @@ def geojson_pair(store: MaskStore, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(prediction, annotation) over the bounding box of a GeoJSON's polygons, at a mask level that fits."""
     from skimage.draw import polygon as fill_polygon
 
-    try:
-        document = json.loads(path.read_text())
-    except ValueError as error:
-        raise WsisegError(f"{path} is not valid GeoJSON ({error}): fix it") from None
+    document = _load_json(path, "the GeoJSON")
     features = document.get("features", []) if isinstance(document, dict) else document
     lookup = {name.lower(): index for index, name in enumerate(store.class_names)}
     shapes = []
@@ -119,6 +134,11 @@ def geojson_pair(store: MaskStore, path: Path) -> tuple[np.ndarray, np.ndarray]:
         name = _feature_class(feature)
         if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
             label = int(name)
+            if label >= len(store.class_names):
+                raise WsisegError(
+                    f"annotation class {label} in {path.name} is not a class of the mask "
+                    f"(0..{len(store.class_names) - 1}): fix the label or use a class name"
+                )
         elif isinstance(name, str) and name.lower() in lookup:
             label = lookup[name.lower()]
         else:
@@ -147,6 +167,8 @@ def geojson_pair(store: MaskStore, path: Path) -> tuple[np.ndarray, np.ndarray]:
             rr, cc = fill_polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, shape=target.shape)
             target[rr, cc] = label if index == 0 else IGNORE
     prediction = store.read(int(x0), int(y0), width, height, level)
+    inside = _inside(store, level, np.arange(x0, x0 + width), np.arange(y0, y0 + height))
+    target[~inside] = IGNORE
     return prediction, target
 
 
