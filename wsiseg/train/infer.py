@@ -1,8 +1,8 @@
 """Patch-level inference: whole images in memory, by sliding windows or by resizing.
 
 `predict_windows` is the in-memory counterpart of the whole-slide engine: the same Grid
-positions (wsiseg.slide.grid), the same window weights (wsiseg.engine.blend) and the same
-predictor protocol, blended as sum(w * p) / sum(w) on the device. Validation during training
+positions (wsiseg.slide.grid), the same window weights and stripe blender (wsiseg.engine.blend)
+and the same predictor protocol, blended as sum(w * p) / sum(w) on the device. Validation during training
 and `wsiseg infer` both use `predict_image`.
 """
 
@@ -35,32 +35,34 @@ def predict_windows(image: Any, predict: Any, window: int, overlap: float = 0.25
     """Blended scores (K, H, W) of an image tensor (3, H, W) from overlapping windows.
 
     `predict(batch (B, 3, window, window)) -> (B, K, window, window)`. Images smaller than the
-    window are padded white at the bottom/right; windows run in batches of `batch_size`.
+    window are padded white at the bottom/right; windows run in batches of `batch_size` and are
+    blended by the whole-slide engine's StripeBlender, so patch-level and slide-level results agree.
     """
     import torch
 
-    from wsiseg.engine.blend import window_weights
+    from wsiseg.engine.blend import StripeBlender, window_weights
     from wsiseg.slide.grid import Grid
 
     _, height, width = image.shape
     padded_h, padded_w = max(height, window), max(width, window)
     if (padded_h, padded_w) != (height, width):
         image = torch.nn.functional.pad(image, (0, padded_w - width, 0, padded_h - height), value=1.0)
-    grid = Grid.from_overlap(padded_w, padded_h, window, overlap)
-    weights = torch.from_numpy(window_weights(window, blend)).to(image.device)
-    positions = grid.positions()
-    total: Any = None
-    weight_sum = torch.zeros((padded_h, padded_w), device=image.device)
+    positions = Grid.from_overlap(padded_w, padded_h, window, overlap).positions()
+    stripes: list[np.ndarray] = []
+    blender = None
     for start in range(0, len(positions), batch_size):
         chunk = positions[start : start + batch_size]
-        batch = torch.stack([image[:, y : y + window, x : x + window] for x, y in chunk])
-        scores = predict(batch).float()
-        if total is None:
-            total = torch.zeros((scores.shape[1], padded_h, padded_w), device=image.device)
+        scores = predict(torch.stack([image[:, y : y + window, x : x + window] for x, y in chunk])).float()
+        if blender is None:
+            blender = StripeBlender(
+                padded_w, padded_h, window, scores.shape[1], window_weights(window, blend),
+                lambda y0, labels, probabilities: stripes.append(probabilities),
+                device=image.device, keep_probabilities=True,
+            )
         for score, (x, y) in zip(scores, chunk):
-            total[:, y : y + window, x : x + window] += score * weights
-            weight_sum[y : y + window, x : x + window] += weights
-    return (total / weight_sum.clamp_min(1e-12))[:, :height, :width]
+            blender.add(score, x, y)
+    blender.close()
+    return torch.from_numpy(np.concatenate(stripes, axis=1)[:, :height, :width]).to(image.device)
 
 
 def resized_shape(height: int, width: int, size: int, multiple: int) -> tuple[int, int]:
