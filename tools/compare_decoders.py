@@ -16,12 +16,12 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from wsiseg.metrics import confusion_matrix, metrics_from_confusion
 from wsiseg.models.segmenter import build_segmenter
 from wsiseg.samples import fetch_samples
+from wsiseg.train.losses import cross_entropy, dice_loss
 
 CLASSES = ["background", "connective", "inflammatory", "neoplastic"]
 SPLIT = 1008
@@ -33,15 +33,6 @@ def load_sample() -> tuple[torch.Tensor, torch.Tensor]:
     image = np.array(Image.open(samples["hgsc_image"]).convert("RGB"))
     mask = np.array(Image.open(samples["hgsc_mask"]))
     return torch.from_numpy(image).permute(2, 0, 1).float() / 255, torch.from_numpy(mask.astype(np.int64))
-
-
-def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Soft Dice over all classes (1 - mean Dice)."""
-    probabilities = logits.softmax(1)
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
-    inter = (probabilities * onehot).sum((0, 2, 3))
-    total = probabilities.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    return 1 - ((2 * inter + 1) / (total + 1)).mean()
 
 
 def batches(image: torch.Tensor, mask: torch.Tensor, steps: int, batch: int, crop: int, seed: int):
@@ -75,7 +66,7 @@ def run(model_name: str, decoder: str, mode: str, steps: int, batch: int, crop: 
     start = time.perf_counter()
     for step, (x, y) in enumerate(batches(image, mask, steps, batch, crop, seed)):
         logits = model(x)
-        loss = F.cross_entropy(logits, y) + dice_loss(logits, y)
+        loss = cross_entropy(logits, y) + dice_loss(logits, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
