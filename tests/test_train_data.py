@@ -132,3 +132,37 @@ def test_parameter_groups_split_decay_and_backbone_lr() -> None:
     assert groups["backbone_no_decay"]["weight_decay"] == 0.0 and len(groups["backbone_no_decay"]["params"]) == 3
     assert groups["decoder"]["lr"] == 1e-3 and len(groups["decoder"]["params"]) == 1
     assert len(groups["decoder_no_decay"]["params"]) == 3
+
+
+def test_demo_dataset_appears_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from wsiseg.train import demo_data
+
+    final = tmp_path / "demo"
+    save_mask = demo_data._save_mask
+
+    def failing(mask: np.ndarray, path: Path) -> None:
+        assert not final.exists(), "tiles were written into the shared folder before it was complete"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(demo_data, "_save_mask", failing)
+    with pytest.raises(OSError, match="disk full"):
+        demo_data.prepare_demo_dataset(final)
+    assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
+
+    def watching(mask: np.ndarray, path: Path) -> None:
+        assert not final.exists(), "tiles were written into the shared folder before it was complete"
+        save_mask(mask, path)
+
+    monkeypatch.setattr(demo_data, "_save_mask", watching)
+    json_path = demo_data.prepare_demo_dataset(final)
+    document = json.loads(json_path.read_text())
+    assert [len(document[split]) for split in ("train", "val", "test")] == [16, 4, 3]
+    assert len(list((final / "images").glob("*.png"))) == len(list((final / "masks").glob("*.png"))) == 23
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+    assert demo_data.prepare_demo_dataset(final) == json_path
+    monkeypatch.setattr(demo_data, "_save_mask", save_mask)
+    (tmp_path / "stray" / "images").mkdir(parents=True)
+    with pytest.raises(WsisegError, match="holds no dataset.json"):
+        demo_data.prepare_demo_dataset(tmp_path / "stray")

@@ -10,6 +10,8 @@ as palette PNGs holding the class indices.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +36,34 @@ def _save_mask(mask: np.ndarray, path: Path) -> None:
 def prepare_demo_dataset(out_dir: Path | str) -> Path:
     """Write the demo tiles and their reference JSON under `out_dir`; returns the JSON path.
 
-    Idempotent: an existing complete data set is reused.
+    Idempotent: an existing complete data set is reused. The folder is built under a temporary
+    name unique to this process and renamed into place whole, so parallel processes never rewrite
+    files that another one is reading.
     """
-    from PIL import Image
-
-    from wsiseg.samples import fetch_samples
-
     out_dir = Path(out_dir)
     json_path = out_dir / "dataset.json"
     if json_path.is_file():
         return json_path
+    temporary = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.partial")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        _write_dataset(temporary)
+        try:
+            temporary.rename(out_dir)
+        except OSError:
+            if not json_path.is_file():  # else another process put its complete copy in place first
+                raise WsisegError(f"{out_dir} exists but holds no dataset.json; remove that folder and retry") from None
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return json_path
+
+
+def _write_dataset(out_dir: Path) -> None:
+    """The tiles, masks and dataset.json, written into a fresh folder."""
+    from PIL import Image
+
+    from wsiseg.samples import fetch_samples
+
     samples = fetch_samples()
     image = np.asarray(Image.open(samples["hgsc_image"]).convert("RGB"))
     mask = np.asarray(Image.open(samples["hgsc_mask"]))
@@ -65,10 +85,7 @@ def prepare_demo_dataset(out_dir: Path | str) -> Path:
     for part in range(3):
         write(f"hgsc_test_{part}", "test", 4 * TILE, part * 500, TILE, 500)
     document = {"num_classes": len(CLASS_NAMES), "class_names": CLASS_NAMES, **splits}
-    temporary = json_path.with_name(".dataset.json.partial")
-    temporary.write_text(json.dumps(document, indent=1))
-    temporary.replace(json_path)
-    return json_path
+    (out_dir / "dataset.json").write_text(json.dumps(document, indent=1))
 
 
 def demo_dataset_json() -> Path:
