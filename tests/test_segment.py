@@ -258,3 +258,35 @@ def test_background_label() -> None:
     assert background_label(["tumour", "stroma"], "stroma") == background_label(["tumour", "stroma"], "1") == 1
     with pytest.raises(WsisegError, match="not one of"):
         background_label(["tumour", "stroma"], "necrosis")
+
+
+def test_run_slide_closes_the_slide_it_opened(he_png: Path, predictor: SegmenterPredictor, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsiseg.slide import Slide
+
+    closed = []
+    original = Slide.close
+    monkeypatch.setattr(Slide, "close", lambda self: (closed.append(self.path), original(self))[-1])
+    options = dict(mpp=2.0, window=64, batch_size=4, workers=0, slide_mpp=2.0, exports=(), show_progress=False)
+    run_slide(he_png, predictor, tmp_path / "ok", **options)
+    assert closed == [he_png]
+    with pytest.raises(Crash):
+        run_slide(he_png, CrashingPredictor(predictor, 0), tmp_path / "crash", **options)
+    assert closed == [he_png, he_png]
+    with open_slide(he_png, 2.0) as slide:  # a Slide the caller opened stays the caller's to close
+        run_slide(slide, predictor, tmp_path / "given", **options)
+        assert closed == [he_png, he_png]
+
+
+def test_fseg_slide_closes_the_slides_it_opened(he_png: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsiseg
+    from wsiseg.slide import Slide
+
+    closed = []
+    original = Slide.close
+    monkeypatch.setattr(Slide, "close", lambda self: (closed.append(self.path), original(self))[-1])
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((300, 300, 3), 255, np.uint8)).save(blank)
+    with pytest.raises(WsisegError, match="no tissue"):
+        wsiseg.fseg_slide([he_png, blank], tmp_path / "out", k=2, slide_mpp=2.0, mpp=2.0, device="cpu")
+    assert sorted(closed) == sorted([he_png, blank])

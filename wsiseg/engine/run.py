@@ -357,91 +357,95 @@ def run_slide(
     paths = output_paths(out_dir, exports)
     torch_device = resolve_device(device)
     view = open_source(source, mpp, slide_mpp)
-    for path in paths.values():
-        check_writable(path, overwrite)
+    try:
+        for path in paths.values():
+            check_writable(path, overwrite)
 
-    with log_to_file(out_dir / LOG_NAME):
-        log.info("segmenting %s (%s) at %g MPP: %dx%d px, %s mode", view.path, view.kind, mpp, view.width,
-                 view.height, mode)
-        timings: dict[str, float] = {}
-        tick = time.perf_counter()
-        tissue = view.tissue()
-        timings["tissue_s"] = time.perf_counter() - tick
-        stride = max(1, window - round(overlap * window))
-        settings = {
-            "mode": mode, "mpp": float(mpp), "window": int(window), "stride": stride, "blend": blend,
-            "background": int(background), "probabilities": bool(save_probabilities), "model": model_info or {},
-            "clip_to_tissue": bool(clip_to_tissue),
-        }
-        store = MaskStore.resume_or_create(
-            partial_path(paths["mask"]),
-            _fingerprint(view, settings, predictor),
-            width=view.width, height=view.height, mpp=mpp, class_names=predictor.class_names,
-            colors=predictor.colors, source=str(view.path.resolve()), slide_mpp=view.slide_mpp, origin=view.origin,
-            probabilities=save_probabilities, background=background, chunk=chunk,
-        )
-        resumed_from = store.rows_done
-        sink = tissue_clipped(store.write_rows, tissue, mpp, view.width, background) if clip_to_tissue else store.write_rows
-        if resumed_from:
-            log.info("resuming: rows 0..%d of %d were finished by an earlier run", resumed_from, view.height)
+        with log_to_file(out_dir / LOG_NAME):
+            log.info("segmenting %s (%s) at %g MPP: %dx%d px, %s mode", view.path, view.kind, mpp, view.width,
+                     view.height, mode)
+            timings: dict[str, float] = {}
+            tick = time.perf_counter()
+            tissue = view.tissue()
+            timings["tissue_s"] = time.perf_counter() - tick
+            stride = max(1, window - round(overlap * window))
+            settings = {
+                "mode": mode, "mpp": float(mpp), "window": int(window), "stride": stride, "blend": blend,
+                "background": int(background), "probabilities": bool(save_probabilities), "model": model_info or {},
+                "clip_to_tissue": bool(clip_to_tissue),
+            }
+            store = MaskStore.resume_or_create(
+                partial_path(paths["mask"]),
+                _fingerprint(view, settings, predictor),
+                width=view.width, height=view.height, mpp=mpp, class_names=predictor.class_names,
+                colors=predictor.colors, source=str(view.path.resolve()), slide_mpp=view.slide_mpp, origin=view.origin,
+                probabilities=save_probabilities, background=background, chunk=chunk,
+            )
+            resumed_from = store.rows_done
+            sink = tissue_clipped(store.write_rows, tissue, mpp, view.width, background) if clip_to_tissue else store.write_rows
+            if resumed_from:
+                log.info("resuming: rows 0..%d of %d were finished by an earlier run", resumed_from, view.height)
 
-        tick = time.perf_counter()
-        if mode == "windowslide":
-            from wsiseg.slide.grid import Grid
+            tick = time.perf_counter()
+            if mode == "windowslide":
+                from wsiseg.slide.grid import Grid
 
-            grid = Grid(view.width, view.height, window, stride)
-            positions = grid.tissue_positions(tissue, mpp)
-            total = len(positions)
-            log.info("%d of %d windows hold tissue (%d px, stride %d)", total, len(grid), window, stride)
-            with progress_bar(total, f"segment {view.path.name}", "tiles", disable=not show_progress) as advance:
-                run_count = _predict_windows(
-                    view, positions, store, sink, predictor, settings, torch_device, workers, batch_size, advance
-                )
-            grid_total = len(grid)
-        else:
-            regions = tissue_regions(tissue, mpp, view.width, view.height)
-            total = grid_total = len(regions)
-            log.info("%d tissue regions, each resized to %d px", total, window)
-            with progress_bar(total, f"segment {view.path.name}", "regions", disable=not show_progress) as advance:
-                run_count = _predict_regions(view, regions, store, sink, predictor, settings, torch_device, advance)
-        timings["predict_s"] = time.perf_counter() - tick
+                grid = Grid(view.width, view.height, window, stride)
+                positions = grid.tissue_positions(tissue, mpp)
+                total = len(positions)
+                log.info("%d of %d windows hold tissue (%d px, stride %d)", total, len(grid), window, stride)
+                with progress_bar(total, f"segment {view.path.name}", "tiles", disable=not show_progress) as advance:
+                    run_count = _predict_windows(
+                        view, positions, store, sink, predictor, settings, torch_device, workers, batch_size, advance
+                    )
+                grid_total = len(grid)
+            else:
+                regions = tissue_regions(tissue, mpp, view.width, view.height)
+                total = grid_total = len(regions)
+                log.info("%d tissue regions, each resized to %d px", total, window)
+                with progress_bar(total, f"segment {view.path.name}", "regions", disable=not show_progress) as advance:
+                    run_count = _predict_regions(view, regions, store, sink, predictor, settings, torch_device, advance)
+            timings["predict_s"] = time.perf_counter() - tick
 
-        tick = time.perf_counter()
-        store.finish()
-        timings["pyramid_s"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            store.finish()
+            timings["pyramid_s"] = time.perf_counter() - tick
 
-        tick = time.perf_counter()
-        from wsiseg.export.mask import write_export
+            tick = time.perf_counter()
+            from wsiseg.export.mask import write_export
 
-        thumbnail = view.thumbnail() if "png" in exports else None
-        written = []
-        for fmt in exports:
-            partial = partial_path(paths[fmt])
-            remove(partial)
-            write_export(store, fmt, partial, thumbnail)
-            written.append((partial, paths[fmt]))
-        timings["exports_s"] = time.perf_counter() - tick
-        timings["total_s"] = time.perf_counter() - started
+            thumbnail = view.thumbnail() if "png" in exports else None
+            written = []
+            for fmt in exports:
+                partial = partial_path(paths[fmt])
+                remove(partial)
+                write_export(store, fmt, partial, thumbnail)
+                written.append((partial, paths[fmt]))
+            timings["exports_s"] = time.perf_counter() - tick
+            timings["total_s"] = time.perf_counter() - started
 
-        summary = {
-            "source": str(view.path), "source_kind": view.kind, "model": model_info or {},
-            "classes": list(predictor.class_names), "mode": mode, "mpp": mpp, "slide_mpp": view.slide_mpp,
-            "width": view.width, "height": view.height, "window": window, "stride": stride,
-            "overlap": overlap, "blend": blend, "batch_size": batch_size, "device": str(torch_device),
-            "windows_total": grid_total, "windows_tissue": total, "windows_run": run_count,
-            "resumed_from_row": resumed_from, "tissue_fraction": float(tissue.fraction),
-            "tiles_per_s": run_count / timings["predict_s"] if timings["predict_s"] > 0 else None,
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-            "class_area_mm2": store.class_areas_mm2(),
-            "outputs": {name: str(path) for name, path in paths.items()},
-        }
-        for partial, final in written:
-            publish(partial, final)
-        publish(store.path, paths["mask"])
-        summary_partial = partial_path(paths["summary"])
-        summary_partial.write_text(json.dumps(summary, indent=2))
-        publish(summary_partial, paths["summary"])
-        rate = summary["tiles_per_s"]
-        log.info("done in %.1f s (%s windows/s); outputs in %s", timings["total_s"],
-                 f"{rate:.1f}" if rate is not None else "-", out_dir)
-    return summary
+            summary = {
+                "source": str(view.path), "source_kind": view.kind, "model": model_info or {},
+                "classes": list(predictor.class_names), "mode": mode, "mpp": mpp, "slide_mpp": view.slide_mpp,
+                "width": view.width, "height": view.height, "window": window, "stride": stride,
+                "overlap": overlap, "blend": blend, "batch_size": batch_size, "device": str(torch_device),
+                "windows_total": grid_total, "windows_tissue": total, "windows_run": run_count,
+                "resumed_from_row": resumed_from, "tissue_fraction": float(tissue.fraction),
+                "tiles_per_s": run_count / timings["predict_s"] if timings["predict_s"] > 0 else None,
+                "timings": {k: round(v, 3) for k, v in timings.items()},
+                "class_area_mm2": store.class_areas_mm2(),
+                "outputs": {name: str(path) for name, path in paths.items()},
+            }
+            for partial, final in written:
+                publish(partial, final)
+            publish(store.path, paths["mask"])
+            summary_partial = partial_path(paths["summary"])
+            summary_partial.write_text(json.dumps(summary, indent=2))
+            publish(summary_partial, paths["summary"])
+            rate = summary["tiles_per_s"]
+            log.info("done in %.1f s (%s windows/s); outputs in %s", timings["total_s"],
+                     f"{rate:.1f}" if rate is not None else "-", out_dir)
+        return summary
+    finally:
+        if isinstance(source, (str, Path)):
+            view.reader.close()

@@ -34,7 +34,20 @@ def _open(paths: list[Path], mpp: float, slide_mpp: float | None) -> list[Any]:
     """Engine source views (slide files or `wsiseg tile` stores) at `mpp`."""
     from wsiseg.engine.run import open_source
 
-    return [open_source(path, mpp, slide_mpp) for path in paths]
+    views: list[Any] = []
+    try:
+        for path in paths:
+            views.append(open_source(path, mpp, slide_mpp))
+    except BaseException:
+        _close(views)
+        raise
+    return views
+
+
+def _close(views: list[Any]) -> None:
+    """Release the file handles of the source views `_open` returned."""
+    for view in views:
+        view.reader.close()
 
 
 def _check_window(extractor: FeatureExtractor, window: int) -> None:
@@ -110,13 +123,16 @@ def fit_concepts(
     if out is not None:
         check_writable(Path(out), overwrite)
     opened = _open(paths, mpp, slide_mpp)
-    extractor = load_extractor(model, weights, layer, device)
-    _check_window(extractor, window)
-    bank = _fit(opened, extractor, ks, mpp, window, max_windows, max_tokens, seed)
-    if out is not None:
-        save_bank(bank, Path(out), overwrite=overwrite)
-        log.info("concept bank written to %s", out)
-    return bank
+    try:
+        extractor = load_extractor(model, weights, layer, device)
+        _check_window(extractor, window)
+        bank = _fit(opened, extractor, ks, mpp, window, max_windows, max_tokens, seed)
+        if out is not None:
+            save_bank(bank, Path(out), overwrite=overwrite)
+            log.info("concept bank written to %s", out)
+        return bank
+    finally:
+        _close(opened)
 
 
 def fseg_slide(
@@ -180,34 +196,37 @@ def fseg_slide(
         for path in output_paths(target, exports).values():
             check_writable(path, overwrite)
     opened = _open(paths, mpp, slide_mpp)
-    from wsiseg.fseg.sampling import tissue_windows
+    try:
+        from wsiseg.fseg.sampling import tissue_windows
 
-    for view in opened:
-        if not tissue_windows(view, window, mpp):
-            raise WsisegError(f"no tissue found in {view.path}: check the slide, or pass a tissue-rich slide")
-    extractor = load_extractor(model, weights, layer, device)
-    _check_window(extractor, window)
-    if loaded is None:
-        loaded = _fit(opened, extractor, [k], mpp, window, fit_windows, 50_000, seed)
-        bank_path = out / BANK_NAME
-        out.mkdir(parents=True, exist_ok=True)
-        save_bank(loaded, bank_path, overwrite=True)
-        log.info("fitted k=%d concepts on the slide(s): saved as %s (reuse it with --bank)", k, bank_path)
-    else:
-        loaded.check_compatible(model, extractor.feature_dim, str(extractor.layer))
-        bank_path = Path(bank) if isinstance(bank, (str, Path)) else None
-    concepts = loaded.get(k)
-    predictor = FsegPredictor(extractor, concepts, mode=mode, scale_before_argmax=scale_before_argmax)
-    info = {
-        "name": model, "layer": extractor.layer, "feature_dim": extractor.feature_dim, "fseg": True, "k": k,
-        "mode": mode, "scale_before_argmax": scale_before_argmax,
-        "bank": str(bank_path) if bank_path else None,
-        "bank_sha256": hashlib.sha256(concepts.tobytes()).hexdigest()[:16],
-    }
-    summaries = []
-    for view, target in zip(opened, targets):
-        summaries.append(run_slide(
-            view.reader, predictor, target, mpp=mpp, window=window, overlap=overlap, batch_size=batch_size,
-            device=str(extractor.device), overwrite=overwrite, model_info=info, **engine_options,
-        ))
-    return summaries
+        for view in opened:
+            if not tissue_windows(view, window, mpp):
+                raise WsisegError(f"no tissue found in {view.path}: check the slide, or pass a tissue-rich slide")
+        extractor = load_extractor(model, weights, layer, device)
+        _check_window(extractor, window)
+        if loaded is None:
+            loaded = _fit(opened, extractor, [k], mpp, window, fit_windows, 50_000, seed)
+            bank_path = out / BANK_NAME
+            out.mkdir(parents=True, exist_ok=True)
+            save_bank(loaded, bank_path, overwrite=True)
+            log.info("fitted k=%d concepts on the slide(s): saved as %s (reuse it with --bank)", k, bank_path)
+        else:
+            loaded.check_compatible(model, extractor.feature_dim, str(extractor.layer))
+            bank_path = Path(bank) if isinstance(bank, (str, Path)) else None
+        concepts = loaded.get(k)
+        predictor = FsegPredictor(extractor, concepts, mode=mode, scale_before_argmax=scale_before_argmax)
+        info = {
+            "name": model, "layer": extractor.layer, "feature_dim": extractor.feature_dim, "fseg": True, "k": k,
+            "mode": mode, "scale_before_argmax": scale_before_argmax,
+            "bank": str(bank_path) if bank_path else None,
+            "bank_sha256": hashlib.sha256(concepts.tobytes()).hexdigest()[:16],
+        }
+        summaries = []
+        for view, target in zip(opened, targets):
+            summaries.append(run_slide(
+                view.reader, predictor, target, mpp=mpp, window=window, overlap=overlap, batch_size=batch_size,
+                device=str(extractor.device), overwrite=overwrite, model_info=info, **engine_options,
+            ))
+        return summaries
+    finally:
+        _close(opened)
