@@ -195,3 +195,10 @@ def test_several_slides_and_skip_errors(samples, tmp_path):
     assert "corrupt" in results[1].message and not (tmp_path / "b" / "unreadable_svs.zarr").exists()
     with pytest.raises(WsisegError, match="one store"):
         tile_slides(slides, tmp_path / "x.zarr", 4.0, workers=0)
+
+
+def test_negative_workers_is_a_user_error(samples, tmp_path):
+    for tile in (lambda **kw: tile_slide(samples["cmu_svs"], **kw), lambda **kw: tile_slides([samples["cmu_svs"]], **kw)):
+        with pytest.raises(WsisegError, match="--workers must be 0 or more"):
+            tile(out=tmp_path / "out", mpp=8, tile=64, workers=-1, progress=False)
+    assert list(tmp_path.iterdir()) == []

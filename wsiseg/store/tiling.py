@@ -160,6 +160,12 @@ def _new_store(partial: Path, slide: Slide, settings: dict[str, Any], tissue: Ti
     return store
 
 
+def _check_workers(workers: int | None) -> None:
+    """A negative worker count would start a cluster without workers that waits for ever."""
+    if workers is not None and workers < 0:
+        raise WsisegError(f"--workers must be 0 or more (0 = in this process), got {workers}")
+
+
 def tile_slide(
     slide: str | Path | Slide,
     out: str | Path,
@@ -182,6 +188,7 @@ def tile_slide(
     """
     if tile < 16:
         raise WsisegError(f"--tile must be at least 16 pixels, got {tile}")
+    _check_workers(workers)
     if not isinstance(slide, Slide):
         with open_slide(slide, slide_mpp) as opened:
             return tile_slide(
@@ -281,6 +288,7 @@ def tile_slides(
 
     Every slide is checked (opens, has an MPP, output writable) before any tiling starts.
     """
+    _check_workers(workers)
     paths = [Path(s) for s in slides]
     if not paths:
         raise WsisegError("no slides given: pass one or more slide files")
