@@ -11,6 +11,7 @@ import torch
 from wsiseg.errors import WsisegError
 from wsiseg.fseg.concepts import ConceptBank, load_bank, save_bank
 from wsiseg.fseg.kmeans import multi_kmeans
+from wsiseg.fseg.sampling import sample_tokens
 
 DATA = Path(__file__).parent / "data"
 
@@ -113,3 +114,9 @@ def test_cli_k_values_follow_the_issue_syntax(tmp_path: Path) -> None:
     assert paths == [slide, numbered] and ks == [8, 16, 32]
     assert split_k_values((slide,), ("8,16", "4")) == ([slide], [8, 16, 4])
     assert split_k_values((slide, Path("16")), ()) == ([slide, Path("16")], [])
+
+
+@pytest.mark.parametrize(("max_windows", "max_tokens"), [(0, 100), (-1, 100), (4, 0), (4, -5)])
+def test_sampling_limits_below_one_are_user_errors(max_windows: int, max_tokens: int) -> None:
+    with pytest.raises(WsisegError, match="--max-windows and --max-tokens must be at least 1"):
+        sample_tokens([], None, 0.5, 256, max_windows=max_windows, max_tokens=max_tokens)

@@ -45,6 +45,11 @@ def sample_tokens(
     """
     import torch
 
+    if max_windows < 1 or max_tokens < 1:
+        raise WsisegError(
+            f"--max-windows and --max-tokens must be at least 1 (got {max_windows} and {max_tokens}): "
+            "concepts are fitted on sampled tissue windows and their token features"
+        )
     candidates: list[tuple[int, int, int]] = []
     for index, view in enumerate(views):
         positions = tissue_windows(view, window, mpp)
