@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from wsiseg.errors import WsisegError
+
 PREFETCH_BATCHES = 4  # batches each reader prepares ahead
 
 
@@ -23,7 +25,11 @@ def partition(count: int, batch_size: int) -> list[list[int]]:
 
 
 class WindowDataset:
-    """Windows of one source at one MPP, as uint8 (h, w, 3) tensors."""
+    """Windows of one source at one MPP, as uint8 (h, w, 3) tensors (a read's WsisegError is returned, not raised).
+
+    Torch re-raises an error of a reader process with its whole traceback in the message; returned,
+    the WsisegError reaches the main process as it was and is raised there with its one-line message.
+    """
 
     def __init__(self, source: Any, positions: Sequence[tuple[int, int]], window: int, mpp: float) -> None:
         self.source = source
@@ -38,7 +44,10 @@ class WindowDataset:
         import torch
 
         x, y = self.positions[index]
-        pixels = self.source.read(x, y, self.window, self.window, self.mpp)
+        try:
+            pixels = self.source.read(x, y, self.window, self.window, self.mpp)
+        except WsisegError as error:
+            return error
         return torch.from_numpy(np.require(pixels, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]))
 
 
@@ -52,9 +61,11 @@ def _reopen_source(worker_id: int) -> None:
 
 
 def _stack(items: list[Any]) -> Any:
+    """The batch tensor, or the first WsisegError one of its windows met."""
     import torch
 
-    return torch.stack(items)
+    errors = [item for item in items if isinstance(item, WsisegError)]
+    return errors[0] if errors else torch.stack(items)
 
 
 def iterate_batches(
@@ -91,5 +102,7 @@ def iterate_batches(
         persistent_workers=False,
     )
     for indices, pixels in zip(batches, loader):
+        if isinstance(pixels, WsisegError):
+            raise pixels
         batch = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         yield indices, batch

@@ -247,6 +247,7 @@ def _predict_windows(
             advance(len(indices))
         blender.close()
     finally:
+        batches.close()
         writer.close()
     return count
 
