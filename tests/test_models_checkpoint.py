@@ -104,3 +104,19 @@ def test_bad_checkpoints_and_configs(tmp_path: Path, pfm_file: Path) -> None:
     path = save_checkpoint(tmp_path / "ckpt.pth", model, config, CLASSES)
     with pytest.raises(WsisegError, match="differs from the checkpoint"):
         wsiseg.load_segmenter({"model": {"name": "uni_v1"}}, path)
+
+
+def test_merge_config_file_is_validated(tmp_path: Path) -> None:
+    model, config = trained("frozen", None)
+    path = save_checkpoint(tmp_path / "ckpt.pth", model, config, CLASSES)
+    (tmp_path / "syntax.yaml").write_text("model: {name: [unclosed\n")
+    (tmp_path / "list.yaml").write_text("- model\n- dataset\n")
+    for name, words in (("syntax.yaml", "not valid YAML"), ("list.yaml", "must be a YAML mapping"), ("none.yaml", "does not exist")):
+        with pytest.raises(WsisegError, match=words) as caught:
+            merge_checkpoint(path, tmp_path / "merged.pth", config=tmp_path / name)
+        assert "\n" not in str(caught.value)
+    (tmp_path / "train.yaml").write_text(
+        f"dataset: {{json: data.json, class_names: {CLASSES}}}\nmodel: {{name: '{NAME}', finetune_mode: frozen}}\n"
+    )
+    merged = merge_checkpoint(path, tmp_path / "merged.pth", config=tmp_path / "train.yaml")
+    assert torch.load(merged, weights_only=True)["config"]["model"]["merged_from"] == "frozen"

@@ -88,12 +88,9 @@ def _config_from(config: dict[str, Any] | str | Path | None, stored: dict[str, A
     if config is None:
         return copy.deepcopy(stored)
     if not isinstance(config, dict):
-        import yaml
+        from wsiseg.config import load_config
 
-        config_path = Path(config)
-        if not config_path.is_file():
-            raise WsisegError(f"config not found: {config_path}; pass the YAML used for training or omit it")
-        config = yaml.safe_load(config_path.read_text()) or {}
+        config = load_config(config, splits=(), check_files=False)
     merged = copy.deepcopy(stored)
     user_model = config.get("model", {}) or {}
     if user_model.get("name") not in (None, stored["model"]["name"]):
