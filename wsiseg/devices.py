@@ -22,4 +22,10 @@ def resolve_device(device: str | None = "auto") -> Any:
         raise WsisegError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise WsisegError(f"device {device} was asked for but no CUDA GPU is available: use --device cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise WsisegError(
+            f"device {device} does not exist: this machine has {count} CUDA GPU{'s' if count != 1 else ''} "
+            f"(cuda:0 to cuda:{count - 1}); use one of those or --device cuda"
+        )
     return resolved
