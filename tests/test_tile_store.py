@@ -202,3 +202,42 @@ def test_negative_workers_is_a_user_error(samples, tmp_path):
         with pytest.raises(WsisegError, match="--workers must be 0 or more"):
             tile(out=tmp_path / "out", mpp=8, tile=64, workers=-1, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_retiling_in_process_with_another_tile_size(samples, tmp_path):
+    out = tmp_path / "t.zarr"
+    tile_slide(samples["cmu_svs"], out, 8, tile=64, workers=0, progress=False)
+    tile_slide(samples["cmu_svs"], out, 8, tile=32, workers=0, overwrite=True, progress=False)
+    store = TileStore.open(out)
+    assert store.tile == 32 and store.is_complete
+    positions = store.tissue_tiles()
+    assert positions and len(store.stored_tiles(positions)) == len(positions)
+    with open_slide(samples["cmu_svs"]) as slide:
+        for x, y in positions:
+            w, h = min(32, store.width - x), min(32, store.height - y)
+            assert np.array_equal(store.read(x, y, w, h), slide.read(x, y, w, h, 8)), (x, y)
+
+
+def test_worker_slide_cache_is_bounded_and_closes_what_it_drops(samples, tmp_path):
+    import os
+    import shutil
+
+    from wsiseg.store.tiles import SlideCache
+
+    cache = SlideCache(size=2)
+    copies = [shutil.copy(samples["small_svs"], tmp_path / f"s{i}.svs") for i in range(3)]
+    slides = [open_slide(path) for path in copies]
+    for slide in slides:
+        with cache.use(slide) as reader:
+            assert reader is slide
+            reader.read(0, 0, 8, 8, slide.mpp)
+    assert slides[0]._backend is None  # dropped and closed
+    assert slides[1]._backend is not None and slides[2]._backend is not None
+    with cache.use(open_slide(copies[2])) as reader:
+        assert reader is slides[2]  # same file: the open handle is reused
+    stat = os.stat(copies[2])
+    os.utime(copies[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    replaced = open_slide(copies[2])
+    with cache.use(replaced) as reader:
+        assert reader is replaced  # a file replaced at the same path is not served from a stale handle
+    assert slides[1]._backend is None

@@ -14,6 +14,9 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -276,32 +279,62 @@ def mark_complete(path: Path) -> None:
 
 
 # Worker side: kept in this light module so dask workers import no tissue-detection code.
-_WORKER_SLIDES: dict[tuple[str, float | None], Slide] = {}
-_WORKER_WRITERS: dict[tuple[str, tuple[int, ...]], ChunkWriter] = {}
+class SlideCache:
+    """A few open slides per worker process, reused across tasks; the least recently used is dropped
+    and closed (once no task still reads it). A file replaced at the same path is a new entry."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.slides: OrderedDict[tuple[Any, ...], Slide] = OrderedDict()
+        self.users: Counter[int] = Counter()
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def key(slide: Slide) -> tuple[Any, ...]:
+        try:
+            stat = os.stat(slide.path)
+        except OSError:
+            return (str(slide.path), slide.slide_mpp)
+        return (str(slide.path), slide.slide_mpp, stat.st_mtime_ns, stat.st_size)
+
+    @contextmanager
+    def use(self, slide: Slide) -> Iterator[Slide]:
+        """The cached handle for `slide` (or `slide` itself, now cached) while a task reads it."""
+        key = self.key(slide)
+        with self.lock:
+            cached = self.slides.pop(key, slide)
+            self.slides[key] = cached
+            self.users[id(cached)] += 1
+            dropped = []
+            while len(self.slides) > self.size:
+                _, old = self.slides.popitem(last=False)
+                if not self.users[id(old)]:
+                    dropped.append(old)
+        for old in dropped:
+            old.close()
+        try:
+            yield cached
+        finally:
+            with self.lock:
+                self.users[id(cached)] -= 1
+                idle = not self.users[id(cached)]
+                if idle:
+                    del self.users[id(cached)]
+                evicted = idle and all(s is not cached for s in self.slides.values())
+            if evicted:
+                cached.close()
 
 
-def _worker_slide(slide: Slide) -> Slide:
-    """One open handle per slide per worker process, reused across tasks."""
-    key = (str(slide.path), slide.slide_mpp)
-    if key not in _WORKER_SLIDES:
-        _WORKER_SLIDES[key] = slide
-    return _WORKER_SLIDES[key]
-
-
-def _worker_writer(path: str, shape: tuple[int, ...]) -> ChunkWriter:
-    key = (path, shape)
-    if key not in _WORKER_WRITERS:
-        _WORKER_WRITERS[key] = ChunkWriter(path)
-    return _WORKER_WRITERS[key]
+_WORKER_SLIDES = SlideCache()
 
 
 def write_tiles(
     slide: Slide, array_path: str, shape: tuple[int, int, int], mpp: float, tile: int, positions: list[tuple[int, int]]
 ) -> int:
     """Read tiles at `mpp` and write each into its own chunk (so concurrent tasks never share one)."""
-    reader = _worker_slide(slide)
-    writer = _worker_writer(array_path, shape)
+    writer = ChunkWriter(array_path)  # per call: a store re-created with another tile size gets the right chunk keys
     _, height, width = shape
-    for x, y in positions:
-        writer.write(x, y, reader.read_planar(x, y, min(tile, width - x), min(tile, height - y), mpp))
+    with _WORKER_SLIDES.use(slide) as reader:
+        for x, y in positions:
+            writer.write(x, y, reader.read_planar(x, y, min(tile, width - x), min(tile, height - y), mpp))
     return len(positions)
