@@ -290,3 +290,17 @@ def test_fseg_slide_closes_the_slides_it_opened(he_png: Path, tmp_path: Path, mo
     with pytest.raises(WsisegError, match="no tissue"):
         wsiseg.fseg_slide([he_png, blank], tmp_path / "out", k=2, slide_mpp=2.0, mpp=2.0, device="cpu")
     assert sorted(closed) == sorted([he_png, blank])
+
+
+@pytest.mark.timeout(90)  # before the fix, the run hung
+def test_cluster_without_gpu_resources(he_png: Path, checkpoint: Path, tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        # device auto on CPU-only workers: the task needs no GPU resource, so it is scheduled and runs
+        results = segment_slides([he_png], checkpoint, tmp_path / "auto", scheduler=cluster.scheduler_address,
+                                 slide_mpp=2.0, mpp=2.0, exports=(), workers=0)
+        assert [r["status"] for r in results] == ["ok"]
+        with pytest.raises(WsisegError, match="no worker .* GPU resource.*--resources GPU=1"):
+            segment_slides([he_png], checkpoint, tmp_path / "cuda", scheduler=cluster.scheduler_address,
+                           device="cuda", slide_mpp=2.0, mpp=2.0, exports=(), workers=0)

@@ -158,8 +158,8 @@ def segment_slides(
     """Segment several slides; one result per slide: {"slide", "status": ok|failed, "summary" | "error"}.
 
     Without `skip_errors` the first user error stops the run. With `scheduler` (a
-    dask.distributed address) each slide is one task, asking for one `GPU` resource unless
-    the device is the CPU.
+    dask.distributed address) each slide is one task, asking for one `GPU` resource when the
+    device is explicitly `cuda*`.
     """
     if not slides:
         raise WsisegError("no slides given: pass one or more slide files or tile stores")
@@ -193,10 +193,16 @@ def _segment_distributed(
         client = Client(scheduler, timeout="20s")
     except (OSError, TimeoutError) as error:
         raise WsisegError(f"cannot reach the dask scheduler at {scheduler} ({error}): start one or drop --scheduler") from None
-    on_gpu = str(options.get("device", "auto")) != "cpu"
+    on_gpu = str(options.get("device") or "auto").startswith("cuda")
     task_options = {**options, "checkpoint": str(checkpoint), "show_progress": False}
     results = []
     with client:
+        cluster = client.scheduler_info().get("workers", {}).values()
+        if on_gpu and not any(worker.get("resources", {}).get("GPU", 0) >= 1 for worker in cluster):
+            raise WsisegError(
+                f"no worker of the dask cluster at {scheduler} has a GPU resource: start the workers with "
+                "`--resources GPU=1`, or use --device auto or cpu"
+            )
         futures = [
             client.submit(
                 _segment_task, str(slide), str(folder), task_options,
