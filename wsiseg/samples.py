@@ -200,7 +200,8 @@ def _derive_hgsc_mask(npz: Path, target: Path) -> None:
     """The nuclei-type raster (0 background, 1 connective, 2 inflammatory, 3 neoplastic) as a PNG."""
     from PIL import Image
 
-    raster = np.load(npz)["nuc_raster"].astype(np.uint8)
+    with np.load(npz) as arrays:
+        raster = arrays["nuc_raster"].astype(np.uint8)
     temporary = _temporary(target)
     Image.fromarray(raster, mode="L").save(temporary)
     temporary.replace(target)

@@ -6,6 +6,7 @@ import math
 import re
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,14 @@ class TiffBackend(Backend):
     def __init__(self, path: Path) -> None:
         self.name = path.name
         self.tif = tifffile.TiffFile(str(path))
+        try:
+            self._describe()
+        except BaseException:
+            self.tif.close()
+            raise
+
+    def _describe(self) -> None:
+        """Levels, sizes, dtype and MPP of the open TIFF (a WsisegError for pixels wsiseg cannot read)."""
         series = self.tif.series[0]
         self.format = "tifffile:ome-tiff" if self.tif.is_ome else "tifffile:tiff"
         self.levels = []
@@ -319,13 +328,17 @@ def open_backend(path: Path) -> Backend:
         raise WsisegError(f"no such slide file: {path}; check the path")
     if path.is_dir():
         path = _dicom_file(path)
+    backend: Backend | None = None
     try:
         backend = _open_any(path)
         last = len(backend.level_dimensions) - 1
         w, h = backend.level_dimensions[last]
         backend.read(last, 0, 0, min(w, 16), min(h, 16))
-    except WsisegError:
-        raise
     except Exception as error:  # noqa: BLE001 - any decoder failure on user input is a corrupt file
+        if backend is not None:
+            with suppress(Exception):
+                backend.close()
+        if isinstance(error, WsisegError):
+            raise
         raise _corrupt(path, error) from None
     return backend
