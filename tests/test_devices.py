@@ -20,7 +20,7 @@ def test_gpu_index_beyond_the_machine_is_a_user_error(monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
     assert resolve_device("cuda") == torch.device("cuda")
-    with pytest.raises(WsisegError, match=r"device cuda:7 does not exist: this machine has 1 CUDA GPU \(cuda:0 to cuda:0\)"):
+    with pytest.raises(WsisegError, match=r"cuda:7 does not exist: this machine has 1 CUDA GPU \(cuda:0 to cuda:0\)"):
         resolve_device("cuda:7")
 
 

@@ -111,7 +111,8 @@ def test_merge_config_file_is_validated(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "ckpt.pth", model, config, CLASSES)
     (tmp_path / "syntax.yaml").write_text("model: {name: [unclosed\n")
     (tmp_path / "list.yaml").write_text("- model\n- dataset\n")
-    for name, words in (("syntax.yaml", "not valid YAML"), ("list.yaml", "must be a YAML mapping"), ("none.yaml", "does not exist")):
+    cases = (("syntax.yaml", "not valid YAML"), ("list.yaml", "must be a YAML mapping"), ("none.yaml", "does not exist"))
+    for name, words in cases:
         with pytest.raises(WsisegError, match=words) as caught:
             merge_checkpoint(path, tmp_path / "merged.pth", config=tmp_path / name)
         assert "\n" not in str(caught.value)

@@ -198,9 +198,11 @@ def test_several_slides_and_skip_errors(samples, tmp_path):
 
 
 def test_negative_workers_is_a_user_error(samples, tmp_path):
-    for tile in (lambda **kw: tile_slide(samples["cmu_svs"], **kw), lambda **kw: tile_slides([samples["cmu_svs"]], **kw)):
-        with pytest.raises(WsisegError, match="--workers must be 0 or more"):
-            tile(out=tmp_path / "out", mpp=8, tile=64, workers=-1, progress=False)
+    options = {"out": tmp_path / "out", "mpp": 8, "tile": 64, "workers": -1, "progress": False}
+    with pytest.raises(WsisegError, match="--workers must be 0 or more"):
+        tile_slide(samples["cmu_svs"], **options)
+    with pytest.raises(WsisegError, match="--workers must be 0 or more"):
+        tile_slides([samples["cmu_svs"]], **options)
     assert list(tmp_path.iterdir()) == []
 
 
