@@ -304,3 +304,34 @@ def test_cluster_without_gpu_resources(he_png: Path, checkpoint: Path, tmp_path:
         with pytest.raises(WsisegError, match="no worker .* GPU resource.*--resources GPU=1"):
             segment_slides([he_png], checkpoint, tmp_path / "cuda", scheduler=cluster.scheduler_address,
                            device="cuda", slide_mpp=2.0, mpp=2.0, exports=(), workers=0)
+
+
+def test_tissue_is_detected_once_per_view(he_png: Path, predictor: SegmenterPredictor, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsiseg.slide.tissue
+    from wsiseg.engine.run import open_source
+
+    calls = []
+    original = wsiseg.slide.tissue.tissue_mask
+    monkeypatch.setattr(wsiseg.slide.tissue, "tissue_mask", lambda *a, **k: (calls.append(1), original(*a, **k))[-1])
+    view = open_source(he_png, 2.0, 2.0)
+    assert view.tissue() is view.tissue()  # as F-Seg's no-tissue check and token sampling ask for it
+    summary = run_slide(view, predictor, tmp_path / "out", mpp=2.0, window=64, batch_size=4, workers=0, exports=(),
+                        show_progress=False)
+    assert len(calls) == 1
+    assert 0 < summary["tissue_fraction"] < 1 and summary["width"] == view.width
+
+
+def test_fseg_detects_tissue_once_per_slide(samples: dict[str, Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsiseg
+    import wsiseg.slide.tissue
+
+    calls = []
+    original = wsiseg.slide.tissue.tissue_mask
+    monkeypatch.setattr(wsiseg.slide.tissue, "tissue_mask", lambda *a, **k: (calls.append(1), original(*a, **k))[-1])
+    crop = tmp_path / "crop.png"
+    Image.fromarray(np.asarray(Image.open(samples["hgsc_image"]).convert("RGB"))[:512, :512]).save(crop)
+    wsiseg.fseg_slide(crop, tmp_path / "out", k=3, slide_mpp=0.5, mpp=1.0, window=128, device="cpu",
+                      exports=("tiff",), show_progress=False)
+    assert len(calls) == 1  # no-tissue check, token sampling and the slide loop share one detection

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +50,18 @@ class SourceView:
     height: int
     slide_mpp: float
     origin: tuple[int, int]
+    _tissue: Any = field(default=None, init=False, repr=False, compare=False)
 
     def tissue(self) -> Any:
-        """The tissue mask (TissueMask) of the source."""
-        if self.kind == "tiles":
-            return self.reader.tissue
-        from wsiseg.slide.tissue import tissue_mask
+        """The tissue mask (TissueMask) of the source, detected once per view."""
+        if self._tissue is None:
+            if self.kind == "tiles":
+                self._tissue = self.reader.tissue
+            else:
+                from wsiseg.slide.tissue import tissue_mask
 
-        return tissue_mask(self.reader)
+                self._tissue = tissue_mask(self.reader)
+        return self._tissue
 
     def thumbnail(self, max_side: int = 2048) -> np.ndarray | None:
         """An RGB overview for the overlay (None for a tile store)."""
@@ -77,10 +81,17 @@ def is_tile_store(path: Path) -> bool:
 
 
 def open_source(source: Any, mpp: float, slide_mpp: float | None = None) -> SourceView:
-    """A SourceView of a path (slide file or tile store), a Slide or a TileStore, at `mpp`."""
+    """A SourceView of a path (slide file or tile store), a Slide, a TileStore or a SourceView, at `mpp`.
+
+    A SourceView given keeps its tissue mask, which does not depend on `mpp`.
+    """
     from wsiseg.slide import Slide, open_slide
     from wsiseg.store.tiles import TileStore
 
+    if isinstance(source, SourceView):
+        view = open_source(source.reader, mpp, slide_mpp)
+        view._tissue = source._tissue
+        return view
     if isinstance(source, (str, Path)):
         source = TileStore.open(source) if is_tile_store(Path(source)) else open_slide(source, slide_mpp)
     if isinstance(source, TileStore):

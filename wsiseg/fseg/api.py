@@ -224,7 +224,7 @@ def fseg_slide(
         summaries = []
         for view, target in zip(opened, targets):
             summaries.append(run_slide(
-                view.reader, predictor, target, mpp=mpp, window=window, overlap=overlap, batch_size=batch_size,
+                view, predictor, target, mpp=mpp, window=window, overlap=overlap, batch_size=batch_size,
                 device=str(extractor.device), overwrite=overwrite, model_info=info, **engine_options,
             ))
         return summaries
