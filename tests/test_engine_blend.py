@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsiseg.engine.blend import StripeBlender, blend_in_memory, finalise, window_weights
+from tests.blend_reference import blend_in_memory, finalise
+from wsiseg.engine.blend import StripeBlender, window_weights
 from wsiseg.errors import WsisegError
 from wsiseg.slide.grid import Grid
 

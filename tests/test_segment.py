@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from wsiseg.engine.blend import blend_in_memory, finalise, window_weights
+from tests.blend_reference import blend_in_memory, finalise
+from wsiseg.engine.blend import window_weights
 from wsiseg.engine.loader import partition
 from wsiseg.engine.predictors import BatchRunner, SegmenterPredictor
 from wsiseg.engine.run import run_slide, tissue_regions

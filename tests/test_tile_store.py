@@ -69,7 +69,7 @@ def test_store_is_self_describing(base_store, samples):
 
 
 def test_store_reads_like_a_slide(base_store):
-    store = pickle.loads(pickle.dumps(base_store.as_slide()))
+    store = pickle.loads(pickle.dumps(base_store))
     assert store.size_at(0.499) == (2220, 2967)
     window = store.read(2000, 2900, 300, 100, 0.499)
     assert window.shape == (100, 300, 3) and (window[67:] == 255).all() and (window[:, 220:] == 255).all()

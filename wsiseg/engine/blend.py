@@ -1,15 +1,15 @@
-"""Window blending: weights, the plain in-memory blend, and the streaming row-stripe blender.
+"""Window blending: window weights and the streaming row-stripe blender.
 
 Scores of overlapping windows are combined per pixel as sum(w * p) / sum(w). The streaming
 blender (torch, so it runs on the GPU next to the model) keeps an accumulator only one window
 tall: windows arrive in the order of their top row, and the rows above the next window's top
-row are final as soon as it arrives, so they are handed to a sink and forgotten. Peak memory grows with the image width,
-never with its height.
+row are final as soon as it arrives, so they are handed to a sink and forgotten. Peak memory
+grows with the image width, never with its height.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,38 +39,6 @@ def window_weights(window: int | tuple[int, int], mode: str = "gaussian") -> np.
     weights = np.outer(profile(height), profile(width))
     weights /= weights.max()
     return np.maximum(weights, MIN_WEIGHT).astype(np.float32)
-
-
-def blend_in_memory(
-    scores: Sequence[np.ndarray] | np.ndarray,
-    positions: Sequence[tuple[int, int]],
-    height: int,
-    width: int,
-    weights: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Blend window scores (N, K, h, w) placed at (x, y) on a whole canvas: (sum w*p (K,H,W), sum w (H,W)).
-
-    Windows reaching past the canvas are cropped. This is the reference the streaming blender
-    must equal, and what in-memory (patch-level) inference uses.
-    """
-    num_outputs = scores[0].shape[0]
-    total = np.zeros((num_outputs, height, width), dtype=np.float32)
-    weight_sum = np.zeros((height, width), dtype=np.float32)
-    for score, (x, y) in zip(scores, positions):
-        h = min(score.shape[1], height - y)
-        w = min(score.shape[2], width - x)
-        total[:, y : y + h, x : x + w] += score[:, :h, :w] * weights[:h, :w]
-        weight_sum[y : y + h, x : x + w] += weights[:h, :w]
-    return total, weight_sum
-
-
-def finalise(total: np.ndarray, weight_sum: np.ndarray, background: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (argmax of sum w*p / sum w; `background` where nothing was predicted) and the normalised scores."""
-    covered = weight_sum > 0
-    probabilities = total / np.where(covered, weight_sum, 1.0)[None]
-    labels = np.argmax(probabilities, axis=0)
-    labels[~covered] = background
-    return labels, probabilities
 
 
 # sink(y0, labels (rows, W) numpy, probabilities (K, rows, W) float32 numpy or None): once per finished stripe

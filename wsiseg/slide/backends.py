@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,7 @@ def opaque(rgba: np.ndarray) -> bool:
     return bool(rgba[..., 3].min() == 255)
 
 
-def paste(source_read, level_w: int, level_h: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+def paste(source_read: Callable[[int, int, int, int], np.ndarray], level_w: int, level_h: int, x: int, y: int, w: int, h: int) -> np.ndarray:
     """A (h, w, 3) white canvas with the in-image part of the box filled by `source_read(x0, y0, x1, y1)`."""
     x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, level_w), min(y + h, level_h)
     if x0 == x and y0 == y and x1 == x + w and y1 == y + h:

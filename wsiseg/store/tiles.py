@@ -209,10 +209,6 @@ class TileStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def as_slide(self) -> TileStore:
-        """The store itself: it offers Slide's `read(x, y, w, h, mpp)`, `mpp` and `size_at`."""
-        return self
-
     # --- chunks ----------------------------------------------------------------------------
     def chunk_file(self, x: int, y: int) -> Path:
         """Where the tile at pixel (x, y) (a chunk corner) is stored."""
