@@ -380,6 +380,9 @@ def run_slide(
             tick = time.perf_counter()
             tissue = view.tissue()
             timings["tissue_s"] = time.perf_counter() - tick
+            # read before the loop, while no reader process or stripe buffer is alive, so the read's
+            # transient buffers (a few hundred MB on large slides) never stack on the loop's memory
+            thumbnail = view.thumbnail() if "png" in exports else None
             stride = max(1, window - round(overlap * window))
             settings = {
                 "mode": mode, "mpp": float(mpp), "window": int(window), "stride": stride, "blend": blend,
@@ -426,7 +429,6 @@ def run_slide(
             tick = time.perf_counter()
             from wsiseg.export.mask import write_export
 
-            thumbnail = view.thumbnail() if "png" in exports else None
             written = []
             for fmt in exports:
                 partial = partial_path(paths[fmt])

@@ -11,6 +11,7 @@ from wsiseg.store.masks import MaskStore
 
 OVERLAY_MAX_SIDE = 2048
 ALPHA = 0.45
+BLEND_ROWS = 128  # rows blended at a time
 
 
 def overview_level(store: MaskStore, max_side: int = OVERLAY_MAX_SIDE) -> int:
@@ -31,15 +32,23 @@ def colorize(labels: np.ndarray, colors: Sequence[Sequence[int]]) -> np.ndarray:
 def blend_overlay(
     background_rgb: np.ndarray | None, labels: np.ndarray, colors: Sequence[Sequence[int]], skip_label: int
 ) -> np.ndarray:
-    """Paint labels over an RGB image (white where none), leaving `skip_label` pixels unpainted."""
-    painted = colorize(labels, colors).astype(np.float32)
-    base = (
-        np.full(painted.shape, 255, dtype=np.float32)
-        if background_rgb is None
-        else background_rgb[..., :3].astype(np.float32)
-    )
-    alpha = np.where(labels == skip_label, 0.0, ALPHA if background_rgb is not None else 1.0)[..., None]
-    return np.round(base * (1 - alpha) + painted * alpha).astype(np.uint8)
+    """Paint labels over an RGB image (white where none), leaving `skip_label` pixels unpainted.
+
+    Blended in blocks of rows, so the float temporaries stay a few MB whatever the image size.
+    """
+    out = np.empty((*labels.shape, 3), dtype=np.uint8)
+    opacity = ALPHA if background_rgb is not None else 1.0
+    for y in range(0, labels.shape[0], BLEND_ROWS):
+        rows = labels[y : y + BLEND_ROWS]
+        painted = colorize(rows, colors).astype(np.float32)
+        base = (
+            np.full(painted.shape, 255, dtype=np.float32)
+            if background_rgb is None
+            else background_rgb[y : y + BLEND_ROWS, :, :3].astype(np.float32)
+        )
+        alpha = np.where(rows == skip_label, 0.0, opacity)[..., None]
+        out[y : y + BLEND_ROWS] = np.round(base * (1 - alpha) + painted * alpha)
+    return out
 
 
 def add_legend(

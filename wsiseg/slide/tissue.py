@@ -19,6 +19,7 @@ __all__ = ["TissueMask", "detect_tissue", "load_mask", "qc_picture", "save_png",
 # Tissue is detected at this resolution (coarser for very large slides, so the mask stays small).
 MASK_MPP = 4.0
 MASK_MAX_SIDE = 4096
+COUNT_ROWS = 256  # rows of a label image counted at a time
 
 
 def detect_tissue(
@@ -36,15 +37,12 @@ def detect_tissue(
     so a blank slide stays empty) are tissue; then a closing and an opening (disk radii in
     pixels), removal of components smaller than `min_area_px`, and filling of holes.
     """
-    rgb = np.asarray(thumbnail_rgb)
-    high, low = rgb.max(axis=2), rgb.min(axis=2)  # in the input's dtype: no float copy of the RGB image
-    saturation = np.zeros(high.shape, np.float32)
-    np.divide(high - low, high, out=saturation, where=high > 0, dtype=np.float32)
-    saturation = ndimage.uniform_filter(saturation, size=3)
+    saturation = _smoothed_saturation(np.asarray(thumbnail_rgb))
     if threshold is None:
         spread = float(saturation.max() - saturation.min())
         threshold = filters.threshold_otsu(saturation) if spread > 1e-6 else 1.0
     mask = saturation > max(float(threshold), min_saturation)
+    del saturation  # the morphology below needs the memory more
     if closing_px > 0:
         mask = morphology.closing(mask, morphology.disk(closing_px))
     if opening_px > 0:
@@ -56,11 +54,22 @@ def detect_tissue(
     return np.asarray(mask, dtype=bool)
 
 
+def _smoothed_saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation (float32) of an RGB image, averaged over 3x3 pixels."""
+    high, low = rgb.max(axis=2), rgb.min(axis=2)  # in the input's dtype: no float copy of the RGB image
+    saturation = np.zeros(high.shape, np.float32)
+    np.divide(high - low, high, out=saturation, where=high > 0, dtype=np.float32)
+    return ndimage.uniform_filter(saturation, size=3)
+
+
 def _drop_small_components(mask: np.ndarray, min_area_px: int) -> np.ndarray:
     """Keep the 4-connected components of at least `min_area_px` pixels (int32 labels: a third of
     the memory skimage's remove_small_objects takes on large thumbnails)."""
-    labels, _ = ndimage.label(mask, output=np.int32)
-    keep = np.bincount(labels.ravel()) >= min_area_px
+    labels, count = ndimage.label(mask, output=np.int32)
+    sizes = np.zeros(count + 1, np.int64)
+    for rows in range(0, labels.shape[0], COUNT_ROWS):  # bincount copies its input to int64: a block at a time
+        sizes += np.bincount(labels[rows : rows + COUNT_ROWS].ravel(), minlength=count + 1)
+    keep = sizes >= min_area_px
     keep[0] = False
     return keep[labels]
 
