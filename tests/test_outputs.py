@@ -58,3 +58,20 @@ def test_run_log_file_gets_records_and_restores_the_logger(tmp_path):
     assert "inside the run" in text and "after the run" not in text
     assert logger.level == before
     assert not any(isinstance(h, logging.FileHandler) for h in logger.handlers)
+
+
+def test_atomic_file_appears_only_when_written_whole(tmp_path):
+    from wsiseg.outputs import atomic_file
+
+    target = tmp_path / "picture.png"
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as temporary:
+            assert temporary.suffix == ".png" and temporary.parent == tmp_path
+            temporary.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary is left
+    target.write_bytes(b"old")
+    with atomic_file(target) as temporary:
+        temporary.write_bytes(b"new")
+        assert target.read_bytes() == b"old"
+    assert target.read_bytes() == b"new" and list(tmp_path.iterdir()) == [target]

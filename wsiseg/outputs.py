@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,3 +70,20 @@ def atomic_output(final: Path, overwrite: bool = False, resume: bool = True) -> 
         remove(partial)
     yield partial
     publish(partial, final)
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `target` to write; rename it over `target` when the block ends.
+
+    The temporary name is unique to this process and thread (parallel writers never collide)
+    and keeps the suffix (libraries that pick a format by extension still do); on error it is
+    removed, so a half-written file never shows under either name.
+    """
+    target = Path(target)
+    temporary = target.with_name(f".{target.stem}.{os.getpid()}.{threading.get_ident()}.partial{target.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)

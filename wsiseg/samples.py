@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from wsiseg.errors import WsisegError
+from wsiseg.outputs import atomic_file
 from wsiseg.progress import get_logger
 
 log = get_logger("samples")
@@ -162,16 +163,10 @@ def _extract(archive_file: Path, member: str, target: Path) -> None:
     _write_atomically(target, data)
 
 
-def _temporary(target: Path) -> Path:
-    """A temporary sibling of `target`, unique to this process (parallel fetches never collide)."""
-    return target.with_name(f".{target.stem}.{os.getpid()}.partial{target.suffix}")
-
-
 def _write_atomically(target: Path, data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary(target)
-    temporary.write_bytes(data)
-    temporary.replace(target)
+    with atomic_file(target) as temporary:
+        temporary.write_bytes(data)
 
 
 def _fetch_raw(root: Path) -> dict[str, Path]:
@@ -202,9 +197,8 @@ def _derive_hgsc_mask(npz: Path, target: Path) -> None:
 
     with np.load(npz) as arrays:
         raster = arrays["nuc_raster"].astype(np.uint8)
-    temporary = _temporary(target)
-    Image.fromarray(raster, mode="L").save(temporary)
-    temporary.replace(target)
+    with atomic_file(target) as temporary:
+        Image.fromarray(raster, mode="L").save(temporary)
 
 
 def _derive_pyramid(svs: Path, target: Path) -> None:
@@ -218,9 +212,8 @@ def _derive_pyramid(svs: Path, target: Path) -> None:
         rgba = np.asarray(slide.read_region((0, 0), 0, (width, height)))
     alpha = rgba[..., 3:4].astype(np.float32) / 255.0
     rgb = np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    temporary = _temporary(target)
-    write_pyramidal_tiff(temporary, rgb, CMU_MPP, tile=256, compression="jpeg", downsample="mean")
-    temporary.replace(target)
+    with atomic_file(target) as temporary:
+        write_pyramidal_tiff(temporary, rgb, CMU_MPP, tile=256, compression="jpeg", downsample="mean")
 
 
 def fetch_samples(cache: Path | None = None) -> dict[str, Path]:

@@ -11,7 +11,6 @@ What is stored of the backbone depends on how it was trained:
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from wsiseg.errors import WsisegError
 from wsiseg.models.finetune import adapter_state, is_peft, load_adapter_state, merge
 from wsiseg.models.registry import entry
 from wsiseg.models.segmenter import Segmenter, build_segmenter, model_config
-from wsiseg.outputs import check_writable, partial_path
+from wsiseg.outputs import atomic_file, check_writable
 from wsiseg.progress import get_logger
 
 log = get_logger("models.checkpoint")
@@ -63,9 +62,8 @@ def save_checkpoint(path: str | Path, model: Segmenter, config: dict[str, Any], 
         "decoder": {k: v.detach().cpu() for k, v in model.decoder.state_dict().items()},
         "extra": extra,
     }
-    partial = partial_path(path)
-    torch.save(payload, partial)
-    os.replace(partial, path)
+    with atomic_file(path) as partial:
+        torch.save(payload, partial)
     return path
 
 

@@ -11,6 +11,7 @@ from scipy import ndimage
 from skimage import draw, filters, morphology, segmentation
 
 from wsiseg.errors import WsisegError
+from wsiseg.outputs import atomic_file
 from wsiseg.slide.mask import TissueMask
 from wsiseg.slide.reader import Slide, snap
 
@@ -196,7 +197,5 @@ def qc_picture(
 
 def save_png(path: Path, pixels: np.ndarray) -> None:
     """Write an image as PNG through a temporary name, so a half-written file never shows."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(pixels).save(temporary, format="PNG")
-    temporary.replace(path)
+    with atomic_file(Path(path)) as temporary:
+        Image.fromarray(pixels).save(temporary, format="PNG")

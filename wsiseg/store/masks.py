@@ -14,7 +14,6 @@ Rows are written in whole chunk rows; the rows written so far are recorded in
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from wsiseg.errors import WsisegError
+from wsiseg.outputs import atomic_file
 
 PROGRESS_FILE = "progress.json"
 LEVEL_MIN_SIZE = 128  # keep halving until both sides fit this
@@ -74,9 +74,8 @@ def level_shapes(height: int, width: int, min_size: int = LEVEL_MIN_SIZE) -> lis
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON to a temporary sibling, then rename it over `path`."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data))
-    os.replace(temporary, path)
+    with atomic_file(path) as temporary:
+        temporary.write_text(json.dumps(data))
 
 
 class MaskStore:

@@ -25,6 +25,7 @@ import zarr
 from PIL import Image
 
 from wsiseg.errors import WsisegError
+from wsiseg.outputs import atomic_file
 from wsiseg.slide.backends import Bounds
 from wsiseg.slide.grid import Grid
 from wsiseg.slide.mask import TissueMask
@@ -260,10 +261,8 @@ class ChunkWriter:
             chunk[:, :height, :width] = planar
         target = self.root / self.encode_key((0, y // self.tile, x // self.tile))
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(temporary, "wb") as handle:
+        with atomic_file(target) as temporary, open(temporary, "wb") as handle:
             handle.write(chunk.data)
-        os.replace(temporary, target)
 
 
 def mark_complete(path: Path) -> None:

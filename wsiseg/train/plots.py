@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from wsiseg.outputs import atomic_file
+
 SERIES_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 
 
@@ -63,9 +65,8 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path, metrics: Sequenc
     validation = {name: [(h["epoch"], h["val"][name]) for h in history if h.get("val")] for name in metrics}
     _panel(draw, (0, 0, 600, 420), "training loss", loss, font)
     _panel(draw, (600, 0, 1200, 420), "validation", validation, font)
-    temporary = path.with_name(f".{path.name}.partial.png")
-    image.save(temporary)
-    temporary.replace(path)
+    with atomic_file(path) as temporary:
+        image.save(temporary)
 
 
 def sample_panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, colors: Sequence[Sequence[int]],
