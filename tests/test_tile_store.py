@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests.test_slide_reader import CMU_SIZES, openslide_on_white
 from wsiseg.errors import WsisegError
-from wsiseg.outputs import partial_path
+from wsiseg.outputs import TEMPORARY_GLOB, partial_path, temporary_sibling
 from wsiseg.slide import open_slide
 from wsiseg.store.tiles import TileStore
 from wsiseg.store.tiling import tile_slide, tile_slides
@@ -115,12 +115,12 @@ def test_resume_writes_only_missing_chunks(samples, tmp_path):
     cut = store.chunk_file(*positions[3])
     cut.write_bytes(cut.read_bytes()[:1000])
     kept = {p: store.chunk_file(*p).stat().st_mtime_ns for p in positions[4:]}
-    leftover = cut.with_name(f".{cut.name}.999.1.tmp")  # a temporary chunk of a killed writer
+    leftover = temporary_sibling(cut)  # a temporary chunk of a killed writer
     leftover.write_bytes(b"partial")
 
     resumed = tile_slide(samples["cmu_svs"], out, 1.0, tile=128, workers=0, progress=False)
     assert resumed.is_complete and not partial.exists()
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob(TEMPORARY_GLOB))
     assert np.array_equal(np.asarray(resumed.array[...]), expected)
     assert {p: resumed.chunk_file(*p).stat().st_mtime_ns for p in kept} == kept
     assert "4 to write" in (out / "tile.log").read_text()

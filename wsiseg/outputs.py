@@ -72,6 +72,15 @@ def atomic_output(final: Path, overwrite: bool = False, resume: bool = True) -> 
     publish(partial, final)
 
 
+TEMPORARY_GLOB = ".*.partial*"  # matches every name `temporary_sibling` makes
+
+
+def temporary_sibling(target: Path) -> Path:
+    """A temporary name beside `target`, unique to this process and thread, keeping its suffix."""
+    target = Path(target)
+    return target.with_name(f".{target.stem}.{os.getpid()}.{threading.get_ident()}.partial{target.suffix}")
+
+
 @contextmanager
 def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `target` to write; rename it over `target` when the block ends.
@@ -80,8 +89,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
     and keeps the suffix (libraries that pick a format by extension still do); on error it is
     removed, so a half-written file never shows under either name.
     """
-    target = Path(target)
-    temporary = target.with_name(f".{target.stem}.{os.getpid()}.{threading.get_ident()}.partial{target.suffix}")
+    temporary = temporary_sibling(target)
     try:
         yield temporary
         os.replace(temporary, target)

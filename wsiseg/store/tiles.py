@@ -25,7 +25,7 @@ import zarr
 from PIL import Image
 
 from wsiseg.errors import WsisegError
-from wsiseg.outputs import atomic_file
+from wsiseg.outputs import TEMPORARY_GLOB, atomic_file
 from wsiseg.slide.backends import Bounds
 from wsiseg.slide.grid import Grid
 from wsiseg.slide.mask import TissueMask
@@ -228,7 +228,7 @@ class TileStore:
 
     def remove_temporaries(self) -> None:
         """Delete temporary chunk files a killed writer left behind."""
-        for temporary in (self.path / IMAGE).rglob(".*.tmp"):
+        for temporary in (self.path / IMAGE).rglob(TEMPORARY_GLOB):
             temporary.unlink()
 
     def tissue_tiles(self) -> list[tuple[int, int]]:
