@@ -10,13 +10,13 @@ as palette PNGs holding the class indices.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from wsiseg.errors import WsisegError
+from wsiseg.outputs import temporary_sibling
 
 CLASS_NAMES = ["background", "connective", "inflammatory", "neoplastic"]
 PALETTE = [(0, 0, 0), (0, 160, 0), (230, 200, 0), (220, 30, 30)]
@@ -44,7 +44,7 @@ def prepare_demo_dataset(out_dir: Path | str) -> Path:
     json_path = out_dir / "dataset.json"
     if json_path.is_file():
         return json_path
-    temporary = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.partial")
+    temporary = temporary_sibling(out_dir)
     shutil.rmtree(temporary, ignore_errors=True)
     try:
         _write_dataset(temporary)
