@@ -8,8 +8,7 @@ import click
 
 
 @click.command("train")
-@click.argument("config_path", metavar="[CONFIG]", required=False, type=click.Path(path_type=Path))
-@click.argument("more_options", nargs=-1, required=False, hidden=True)
+@click.argument("arguments", nargs=-1, metavar="[CONFIG]")
 @click.option("--config", "config_option", type=click.Path(path_type=Path), default=None,
               help="The YAML config (native or the reference dialect); the same as the CONFIG argument.")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
@@ -19,17 +18,15 @@ import click
               help="Override any config key, the value read as YAML (e.g. --options training.epochs=5 "
                    "model.finetune_mode.rank=8); several may follow one --options.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in logging.output_dir.")
-def train_command(config_path: Path | None, more_options: tuple[str, ...], config_option: Path | None,
+def train_command(arguments: tuple[str, ...], config_option: Path | None,
                   resume: Path | None, device: str | None, options: tuple[str, ...], overwrite: bool) -> None:
     """Train a segmenter from a YAML config (see configs/; configs/demo.yaml runs on a CPU)."""
     from wsiseg.errors import WsisegError
     from wsiseg.progress import setup_console_logging
     from wsiseg.train.trainer import train_model
 
-    positional = [str(config_path)] if config_path is not None else []
-    positional += list(more_options)
-    overrides = [value for value in positional if "=" in value]
-    paths = [Path(value) for value in positional if "=" not in value]
+    overrides = [value for value in arguments if "=" in value]
+    paths = [Path(value) for value in arguments if "=" not in value]
     if overrides and not options:
         raise WsisegError(f"{overrides[0]!r} looks like an override: put --options before it")
     if config_option is not None:
