@@ -137,6 +137,12 @@ LOSS_OPTIONS: dict[str, Key] = {
 }
 
 
+def defaults(section: str) -> dict[str, Any]:
+    """The default of every key of a section that has one (the one place defaults live)."""
+    table = LOSS_OPTIONS if section == "training.loss" else SCHEMA[section]
+    return {key: copy.deepcopy(spec.default) for key, spec in table.items() if spec.default is not REQUIRED}
+
+
 @dataclass
 class _Problems:
     items: list[str] = field(default_factory=list)
