@@ -241,6 +241,17 @@ def test_options_override_any_key_with_yaml_values(dataset: Path, tmp_path: Path
     assert config["training"]["optimizer"] == "adam" and config["system"]["pin_memory"] is True
     with pytest.raises(WsisegError, match="is not key.path=value"):
         apply_options({}, ["training.epochs"])
+    native = load_config(path, options=["training.lr=0.5", "model.name=kaiko-vits8"])  # the other dialect's key
+    assert (native["training"]["lr"], native["model"]["name"]) == (0.5, "kaiko-vits8")
+
+
+def test_the_same_value_in_both_places_is_no_conflict(dataset: Path, tmp_path: Path) -> None:
+    raw = base(dataset, tmp_path)
+    raw["training"]["momentum"] = 0.9  # where the reference's code reads it, besides optimizer.momentum
+    assert read(raw)["training"]["momentum"] == 0.9
+    raw["training"]["momentum"] = 0.5
+    with pytest.raises(WsisegError, match="training.optimizer.momentum .reference. and training.momentum"):
+        read(raw)
 
 
 def test_migrate_writes_the_native_equivalent(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

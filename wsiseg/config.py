@@ -411,6 +411,8 @@ def apply_options(raw: dict[str, Any], options: Sequence[str]) -> dict[str, Any]
     """`key.path=value` overrides (the value parsed as YAML) applied to a raw config mapping, in order."""
     import yaml
 
+    from wsiseg.config_reference import drop_counterparts
+
     for option in options:
         path, sep, text = option.partition("=")
         parts = path.strip().split(".")
@@ -429,6 +431,7 @@ def apply_options(raw: dict[str, Any], options: Sequence[str]) -> dict[str, Any]
                 mapping[part] = {}
             mapping = mapping[part]
         mapping[parts[-1]] = value
+        drop_counterparts(raw, ".".join(parts))
     return raw
 
 

@@ -305,7 +305,7 @@ def normalise(raw: dict[str, Any]) -> Normalised:
                 if (path in row.defaults_only) != soft_pass:
                     continue
                 if path in given_natively or (soft_pass and path in written):
-                    if not soft_pass:
+                    if not soft_pass and _get(native, path) != value:
                         problems.append(f"{row.reference} (reference) and {path} (native) set the same thing; keep one")
                     continue
                 if path in written and path != "logging.output_dir":
@@ -317,6 +317,18 @@ def normalise(raw: dict[str, Any]) -> Normalised:
                 shown[row].append(f"{path} {value!r}")
     notes = [f"{row.reference} {lookup(row.reference)!r} -> {', '.join(parts)}" for row, parts in shown.items() if parts]
     return Normalised(native, notes, problems, aliases)
+
+
+def drop_counterparts(raw: dict[str, Any], path: str) -> None:
+    """Remove what sets the same thing as `path` in the other dialect (an override replaces both forms)."""
+    for row in TABLE:
+        hard = [native for native in row.native if native not in row.defaults_only]
+        if path in hard and _has(raw, row.reference) and not row.reference.startswith(path + "."):
+            _pop(raw, row.reference)
+        elif path == row.reference:
+            for native in hard:
+                if _has(raw, native) and not isinstance(_get(raw, native), dict):
+                    _pop(raw, native)
 
 
 def migrate_config(path: Path | str, out: Path | str | None = None, overwrite: bool = False) -> str:
