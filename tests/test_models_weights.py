@@ -180,3 +180,65 @@ def test_hf_layout_of_real_size_fits_registry_entry(name: str, tmp_path: Path) -
     target = registry.create(name, "meta")
     remapped = weights.remap_hf(state, target)
     weights.check_fit(remapped, target.state_dict(), "hf", name)
+
+
+def sharded_vit(folder: Path) -> tuple[torch.nn.Module, dict]:
+    """A tiny random ViTModel saved by transformers in shards of at most 200 kB, and the timm arguments to load it."""
+    _, timm_args = hf_cases()["ViTModel"]
+    torch.manual_seed(1)
+    hf = transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=64,
+        patch_size=16)).eval()
+    hf.save_pretrained(folder, max_shard_size="200KB")
+    return hf, {**timm_args, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2, "depth": 3}
+
+
+def test_sharded_safetensors_folder_index_and_shard_paths_load(tmp_path: Path) -> None:
+    hf, timm_args = sharded_vit(tmp_path / "hf")
+    shards = sorted((tmp_path / "hf").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = hf(pixel_values=x).last_hidden_state
+        for source in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors.index.json", shards[1]):
+            model = load_backbone_weights(TINY, source, **timm_args).eval()
+            torch.testing.assert_close(model.forward_features(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_pytorch_bin_folder_loads(tmp_path: Path) -> None:
+    """The same shards as torch pickles with a pytorch_model.bin.index.json, a folder transformers itself loads."""
+    import json
+
+    from safetensors.torch import load_file
+
+    hf, timm_args = sharded_vit(tmp_path / "hf")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    renamed = {name: name.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+               for name in set(index["weight_map"].values())}
+    for name, new in renamed.items():
+        torch.save(load_file(str(tmp_path / "hf" / name)), folder / new)
+    index["weight_map"] = {key: renamed[name] for key, name in index["weight_map"].items()}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = hf(pixel_values=x).last_hidden_state
+        reloaded = transformers.ViTModel.from_pretrained(folder).eval()
+        torch.testing.assert_close(reloaded(pixel_values=x).last_hidden_state, expected, atol=0, rtol=0)
+        model = load_backbone_weights(TINY, folder, **timm_args).eval()
+        torch.testing.assert_close(model.forward_features(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_incomplete_shard_sets_are_refused(tmp_path: Path) -> None:
+    _, timm_args = sharded_vit(tmp_path / "hf")
+    shards = sorted((tmp_path / "hf").glob("model-*-of-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(WsisegError, match=f"{shards[-1].name}.*download the missing shards"):
+        load_backbone_weights(TINY, tmp_path / "hf", **timm_args)
+    (tmp_path / "hf" / "model.safetensors.index.json").unlink()
+    with pytest.raises(WsisegError, match="not their index"):
+        load_backbone_weights(TINY, tmp_path / "hf", **timm_args)
+    with pytest.raises(WsisegError, match="one shard of .* no model.safetensors.index.json"):
+        load_backbone_weights(TINY, shards[0], **timm_args)
