@@ -242,3 +242,38 @@ def test_incomplete_shard_sets_are_refused(tmp_path: Path) -> None:
         load_backbone_weights(TINY, tmp_path / "hf", **timm_args)
     with pytest.raises(WsisegError, match="one shard of .* no model.safetensors.index.json"):
         load_backbone_weights(TINY, shards[0], **timm_args)
+
+
+def tiny_hf_pfms() -> dict:
+    """Tiny random models of each HF-format PFM's own class, and the registry overrides that shrink the entry alike."""
+    common = dict(num_hidden_layers=2, num_attention_heads=4, image_size=224)
+    t = transformers
+    return {
+        "phikon": (lambda: t.ViTModel(t.ViTConfig(hidden_size=64, intermediate_size=256, patch_size=16, **common),
+                                      add_pooling_layer=False), dict(embed_dim=64)),
+        "phikon_v2": (lambda: t.Dinov2Model(t.Dinov2Config(hidden_size=64, patch_size=16, **common)), dict(embed_dim=64)),
+        "midnight12k": (lambda: t.Dinov2Model(t.Dinov2Config(hidden_size=96, patch_size=14, use_swiglu_ffn=True,
+                                                             **common)), dict(embed_dim=96)),
+        "hibou_l": (lambda: t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(
+            hidden_size=64, patch_size=14, num_register_tokens=4, **common)), dict(embed_dim=64)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(tiny_hf_pfms()))
+def test_off_grid_tokens_equal_the_checkpoints_own_code(name: str, tmp_path: Path) -> None:
+    """Position grids resampled as the PFM's own Hugging Face class does (plain bicubic for ViTModel and
+    Dinov2Model, antialiased for Dinov2WithRegisters): tokens equal transformers' on and off the native grid."""
+    make, overrides = tiny_hf_pfms()[name]
+    torch.manual_seed(0)
+    hf = make().eval()
+    for parameter in hf.parameters():
+        parameter.data.normal_(0, 0.05)
+    hf.save_pretrained(tmp_path / name)
+    model = load_backbone_weights(name, tmp_path / name, depth=2, num_heads=4, **overrides).eval()
+    extra = {"interpolate_pos_encoding": True} if isinstance(hf, transformers.ViTModel) else {}
+    patch = model.patch_embed.patch_size[0]
+    for side in (224 // patch * patch, 448, 512 // patch * patch):  # 224, 448, 512 px to the patch multiple below
+        x = torch.randn(1, 3, side, side)
+        with torch.no_grad():
+            expected = hf(pixel_values=x, **extra).last_hidden_state
+            torch.testing.assert_close(model.forward_features(x), expected, atol=2e-5, rtol=1e-5, msg=f"{name} at {side}")

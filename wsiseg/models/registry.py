@@ -119,12 +119,41 @@ def register(
     return add
 
 
-def _vit(architecture: str, **kwargs: Any) -> Any:
-    """A timm ViT trunk: no classifier head, position embeddings interpolated for any input size."""
+def _vit(architecture: str, plain_bicubic: bool = False, **kwargs: Any) -> Any:
+    """A timm ViT trunk: no classifier head, position embeddings interpolated for any input size.
+
+    timm resamples the position grid with antialiased bicubic, as the timm-native checkpoints and
+    Hugging Face's Dinov2WithRegistersModel do; `plain_bicubic` resamples it without antialiasing, as
+    Hugging Face's ViTModel and Dinov2Model do, so off-grid tokens equal those of the checkpoint's own code.
+    """
+    import types
+
     import timm
 
     kwargs.setdefault("img_size", 224)
-    return timm.create_model(architecture, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+    model = timm.create_model(architecture, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+    if plain_bicubic:
+        model._pos_embed = types.MethodType(_plain_bicubic_pos_embed, model)
+    return model
+
+
+def _plain_bicubic_pos_embed(self: Any, x: Any) -> Any:
+    """Prefix tokens and position embeddings for NHWC patch tokens, the grid resampled by plain bicubic."""
+    import torch
+    from timm.layers import resample_abs_pos_embed
+
+    batch, height, width, dim = x.shape
+    prefix = [token.expand(batch, -1, -1) for token in (self.cls_token, self.reg_token) if token is not None]
+    positions = resample_abs_pos_embed(
+        self.pos_embed, new_size=(height, width), old_size=self.patch_embed.grid_size,
+        num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens, antialias=False,
+    )
+    x = x.reshape(batch, height * width, dim)
+    if self.no_embed_class:
+        x = torch.cat([*prefix, x + positions], dim=1)
+    else:
+        x = torch.cat([*prefix, x], dim=1) + positions
+    return self.pos_drop(x)
 
 
 def _swiglu() -> dict[str, Any]:
@@ -181,12 +210,12 @@ def virchow_v2(**kw: Any) -> Any:
 
 @register("phikon", Facts(768, 16, 1, 85_798_656), IMAGENET, "ViT-B/16", VIT_HF_LAYOUT)
 def phikon(**kw: Any) -> Any:
-    return _vit("vit_base_patch16_224", **_hf_layernorm(), **kw)
+    return _vit("vit_base_patch16_224", plain_bicubic=True, **_hf_layernorm(), **kw)
 
 
 @register("phikon_v2", Facts(1024, 16, 1, 303_350_784), IMAGENET, "ViT-L/16 DINOv2-style, LayerScale", DINOV2_HF_LAYOUT)
 def phikon_v2(**kw: Any) -> Any:
-    return _vit("vit_large_patch16_224", init_values=1e-5, **kw)
+    return _vit("vit_large_patch16_224", plain_bicubic=True, init_values=1e-5, **kw)
 
 
 @register("hoptimus_0", Facts(1536, 14, 5, 1_134_774_272), HOPTIMUS, "ViT-g/14 DINOv2, 4 registers")
@@ -207,7 +236,7 @@ def gigapath(**kw: Any) -> Any:
 
 @register("midnight12k", Facts(1536, 14, 1, 1_134_769_664), HALF, "ViT-g/14 DINOv2", DINOV2_HF_LAYOUT)
 def midnight12k(**kw: Any) -> Any:
-    return _vit("vit_giant_patch14_dinov2", **kw)
+    return _vit("vit_giant_patch14_dinov2", plain_bicubic=True, **kw)
 
 
 @register("kaiko-vits8", Facts(384, 8, 1, 21_670_272), HALF, "ViT-S/8")
