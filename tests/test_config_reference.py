@@ -317,3 +317,12 @@ def test_test_items_without_masks_and_paths_relative_to_the_json(dataset: Path) 
     with pytest.raises(WsisegError, match="every test image needs a mask"):
         split_entries(moved, "test")
     assert split_entries(moved, "train")[0]["mask"].is_file()
+
+
+def test_readme_table_lists_every_reference_key() -> None:
+    from wsiseg.config_reference import TABLE
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("### The reference dialect"):]
+    for row in TABLE:
+        assert row.reference.rsplit(".", 1)[1] in table, row.reference

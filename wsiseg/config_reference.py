@@ -53,7 +53,7 @@ def _word(path: str, value: Any, choices: tuple[str, ...]) -> str:
     lowered = value.lower()
     if lowered in UNSUPPORTED_MODES:
         raise _Bad(f"{path} is '{value}': the reference's adapter modes (cnn_adapter, transformer_adapter) are not "
-                   "implemented in wsiseg; use lora, dora, full or frozen")
+                   f"implemented in wsiseg; use {', '.join(choices[:-1])} or {choices[-1]}")
     if lowered not in choices:
         close = difflib.get_close_matches(lowered, choices, n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -99,8 +99,16 @@ def _lr(value: Any, lookup: Lookup) -> tuple[float]:
     return (_number("training.learning_rate", value),)
 
 
+def _choices(native: str) -> tuple[str, ...]:
+    """The choices of a native key (kept once, in the config schema)."""
+    from wsiseg.config import SCHEMA
+
+    section, key = native.split(".")
+    return tuple(SCHEMA[section][key].choices or ())
+
+
 def _mode(value: Any, lookup: Lookup) -> tuple[str]:
-    return (_word("model.finetune_mode.type", value, ("lora", "dora", "full", "frozen")),)
+    return (_word("model.finetune_mode.type", value, _choices("model.finetune_mode")),)
 
 
 def _alpha(value: Any, lookup: Lookup) -> tuple[float]:
@@ -108,11 +116,11 @@ def _alpha(value: Any, lookup: Lookup) -> tuple[float]:
 
 
 def _optimizer(value: Any, lookup: Lookup) -> tuple[str]:
-    return (_word("training.optimizer.type", value, ("sgd", "adam", "adamw")),)
+    return (_word("training.optimizer.type", value, _choices("training.optimizer")),)
 
 
 def _scheduler(value: Any, lookup: Lookup) -> tuple[str]:
-    return (_word("training.scheduler.type", value, ("cosine", "step", "poly", "none")),)
+    return (_word("training.scheduler.type", value, _choices("training.scheduler")),)
 
 
 def _loss(value: Any, lookup: Lookup) -> tuple[dict[str, Any]]:
