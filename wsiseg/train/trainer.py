@@ -423,8 +423,8 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
 
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
-            raise WsisegError(f"output folder {out} already holds a run: pass --resume {out}/checkpoints/last.pth to "
-                              "continue it, --overwrite to replace it, or set logging.output_dir")
+            raise WsisegError(f"output folder {out} already holds a run: pass --resume {out} to "
+                              "continue it, --overwrite to replace it, or set logging.output_dir (log_dir/experiment_name)")
         remove(out)
     for sub in ("checkpoints", "visualizations"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -434,7 +434,8 @@ def train_model(config: str | Path | dict[str, Any], resume: str | Path | None =
                 overwrite: bool = False, options: Sequence[str] = ()) -> dict[str, Any]:
     """Train a segmenter from a YAML config (path or raw mapping, either dialect); returns a summary of the run.
 
-    `resume` continues a run from its checkpoints/last.pth; `device` overrides system.device;
+    `resume` continues a run from its checkpoints/last.pth (or the run folder holding it);
+    `device` overrides system.device;
     `options` are `key.path=value` overrides (values parsed as YAML) applied before validation.
     """
     from wsiseg.config import apply_options, check_config
@@ -447,6 +448,10 @@ def train_model(config: str | Path | dict[str, Any], resume: str | Path | None =
         config["system"]["device"] = device
     if resume is not None:
         from wsiseg.models.checkpoint import read_checkpoint
+
+        resume = Path(resume)
+        if resume.is_dir():
+            resume = resume / "checkpoints" / "last.pth" if (resume / "checkpoints").is_dir() else resume / "last.pth"
 
         check_compatible(read_checkpoint(resume)["config"], config, Path(resume))
     dist = Distributed()
