@@ -212,10 +212,12 @@ def test_every_problem_at_once_in_the_reference_dialect(dataset: Path, tmp_path:
     raw["model"]["eval_interval"] = 2
     raw["training"]["loss"]["type"] = "dise"
     raw["training"]["lr"] = 0.01
+    raw["validation"]["ResizedSize"] = 64
     with pytest.raises(WsisegError) as error:
         read(raw)
     message = str(error.value)
-    assert "6 problems" in message and "\n" not in message
+    assert "7 problems" in message and "\n" not in message
+    assert "unknown key 'validation.ResizedSize' (it belongs in 'validation.augmentation')" in message
     assert "unknown key 'training.learning_rat' (did you mean 'learning_rate'?)" in message
     assert "unknown key 'model.finetune_mode.rnak' (did you mean 'rank'?)" in message
     assert "training.optimizer.type is 'sgdd'; choose one of sgd, adam, adamw (did you mean 'sgd'?)" in message

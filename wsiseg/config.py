@@ -88,7 +88,7 @@ def _check_value(where: str, key: Key, value: Any, problems: _Problems) -> Any:
 
 def _fill_section(name: str, given: Any, problems: _Problems, aliases: dict[str, str]) -> dict[str, Any]:
     """One section with defaults filled; `aliases` names native keys after the reference keys they came from."""
-    from wsiseg.config_reference import reference_keys
+    from wsiseg.config_reference import nested_home, reference_keys
 
     schema = SCHEMA[name]
     if given is None:
@@ -103,7 +103,13 @@ def _fill_section(name: str, given: Any, problems: _Problems, aliases: dict[str,
             home = [section for section, keys in SCHEMA.items() if key in keys and section != name]
             home += [section for section, keys in reference.items() if key in keys and section != name]
             known = (*schema, *reference.get(name, ()))
-            hint = f" (it belongs in section '{home[0]}')" if home else _suggest(key, known)
+            nested = nested_home(key)
+            if home:
+                hint = f" (it belongs in section '{home[0]}')"
+            elif nested:
+                hint = f" (it belongs in '{nested}')"
+            else:
+                hint = _suggest(key, known)
             problems.add(f"unknown key '{name}.{key}'{hint}")
             continue
         path = f"{name}.{key}"

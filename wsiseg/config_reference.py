@@ -202,6 +202,14 @@ def reference_keys() -> dict[str, list[str]]:
     return out
 
 
+def nested_home(key: str) -> str | None:
+    """The nested mapping a reference key belongs in ('training.augmentation' for RandomResizedCropSize),
+    None when it has none or several (`type`)."""
+    homes = {parent for parent, leaf in (row.reference.rsplit(".", 1) for row in TABLE)
+             if leaf == key and parent.count(".") == 1}
+    return next(iter(homes)) if len(homes) == 1 else None
+
+
 def _get(mapping: Any, path: str) -> Any:
     for part in path.split("."):
         if not isinstance(mapping, dict) or part not in mapping:
