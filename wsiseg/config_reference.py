@@ -227,14 +227,6 @@ def _has(mapping: Any, path: str) -> bool:
     return isinstance(mapping, dict) and last in mapping
 
 
-def _is_reference(raw: dict[str, Any], row: Row) -> bool:
-    """Whether `raw` holds the reference key of `row` (a loss counts only as `{type: ...}`)."""
-    if not _has(raw, row.reference):
-        return False
-    container = ".".join(row.reference.split(".")[:-1])
-    return container.count(".") == 0 or isinstance(_get(raw, container), dict)
-
-
 @dataclass
 class Normalised:
     """The native mapping, what each reference key was read as, the problems, and native -> reference names."""
@@ -304,7 +296,7 @@ def normalise(raw: dict[str, Any]) -> Normalised:
     problems: list[str] = []
     aliases: dict[str, str] = {}
     lookup: Lookup = lambda path: _get(raw, path)  # noqa: E731
-    present = [row for row in TABLE if _is_reference(raw, row)]
+    present = [row for row in TABLE if _has(raw, row.reference)]
     native = _strip(raw, present, problems)
     given_natively = {f"{s}.{k}" for s, keys in native.items() if isinstance(keys, dict) for k in keys}
     converted: dict[Row, tuple[Any, ...]] = {}
