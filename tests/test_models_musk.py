@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -33,19 +34,22 @@ def _fetch_torchscale() -> Path:
         return target
     scratch = ORACLES / f".partial-{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
-    for args in (["torchscale==0.3.0"], ["--no-binary", ":all:", "fairscale==0.4.0"]):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(scratch), *args],
-                       check=True, capture_output=True, timeout=300)
-    with zipfile.ZipFile(next(scratch.glob("torchscale-*.whl"))) as wheel:
-        wheel.extractall(scratch / "site")
-    with tarfile.open(next(scratch.glob("fairscale-*.tar.gz"))) as sdist:
-        sdist.extractall(scratch, filter="data")
-    next(scratch.glob("fairscale-0.4.0")).joinpath("fairscale").rename(scratch / "site" / "fairscale")
-    (scratch / "site" / "complete").write_text("torchscale 0.3.0 wheel + fairscale 0.4.0 source\n")
     try:
-        (scratch / "site").rename(target)
-    except OSError:  # another test process finished first
-        pass
+        for args in (["torchscale==0.3.0"], ["--no-binary", ":all:", "fairscale==0.4.0"]):
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(scratch), *args],
+                           check=True, capture_output=True, timeout=300)
+        with zipfile.ZipFile(next(scratch.glob("torchscale-*.whl"))) as wheel:
+            wheel.extractall(scratch / "site")
+        with tarfile.open(next(scratch.glob("fairscale-*.tar.gz"))) as sdist:
+            sdist.extractall(scratch, filter="data")
+        (scratch / "fairscale-0.4.0" / "fairscale").rename(scratch / "site" / "fairscale")
+        (scratch / "site" / "complete").write_text("torchscale 0.3.0 wheel + fairscale 0.4.0 source\n")
+        try:
+            (scratch / "site").rename(target)
+        except OSError:  # another test process finished first
+            pass
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 
@@ -251,3 +255,23 @@ def test_musk_spec_and_fixed_normalisation() -> None:
         1024, 16, 1, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     skeleton = registry.create("musk", "meta")
     assert skeleton.patch_embed.grid_size == (24, 24) and len(skeleton.blocks) == 24
+
+
+def test_intermediates_match_a_run_of_the_blocks() -> None:
+    """forward_intermediates gives each requested block's tokens (optionally normed) as maps, in block order."""
+    torch.manual_seed(0)
+    model = registry.create("musk", "cpu", **{**TINY, "depth": 3}).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        tokens, _ = model.embed(x)
+        outputs = []
+        for block in model.blocks:
+            tokens = block(tokens)
+            outputs.append(tokens)
+        maps = model.forward_intermediates(x, [0, -1], intermediates_only=True)
+        final, normed = model.forward_intermediates(x, 1, norm=True, output_fmt="NLC")
+    assert [tuple(m.shape) for m in maps] == [(2, 64, 4, 6)] * 2
+    for got, block_out in zip(maps, (outputs[0], outputs[2])):
+        torch.testing.assert_close(got.flatten(2).transpose(1, 2), block_out[:, 1:], atol=0, rtol=0)
+    torch.testing.assert_close(final, model.norm(outputs[2]), atol=0, rtol=0)
+    torch.testing.assert_close(normed[0], model.norm(outputs[2])[:, 1:], atol=0, rtol=0)

@@ -167,7 +167,8 @@ class MuskVision(nn.Module):
             wanted = {i % depth for i in indices}
         tokens, grid = self.embed(x)
         intermediates = []
-        for index, block in enumerate(self.blocks):
+        last = max(wanted) if intermediates_only else depth - 1  # blocks past the last wanted one need not run
+        for index, block in enumerate(self.blocks[: last + 1]):
             tokens = block(tokens)
             if index in wanted:
                 out = (self.norm(tokens) if norm else tokens)[:, self.num_prefix_tokens:]
