@@ -102,7 +102,7 @@ def test_bad_checkpoints_and_configs(tmp_path: Path, pfm_file: Path) -> None:
         wsiseg.load_segmenter(None, tmp_path / "foreign.pth")
     model, config = trained("frozen", pfm_file)
     path = save_checkpoint(tmp_path / "ckpt.pth", model, config, CLASSES)
-    with pytest.raises(WsisegError, match="differs from the checkpoint"):
+    with pytest.raises(WsisegError, match="was trained with model.name = .* but the config has .uni_v1"):
         wsiseg.load_segmenter({"model": {"name": "uni_v1"}}, path)
 
 
@@ -121,3 +121,36 @@ def test_merge_config_file_is_validated(tmp_path: Path) -> None:
     )
     merged = merge_checkpoint(path, tmp_path / "merged.pth", config=tmp_path / "train.yaml")
     assert torch.load(merged, weights_only=True)["config"]["model"]["merged_from"] == "frozen"
+
+
+def test_merge_of_a_config_without_finetune_mode_stores_the_backbone(tmp_path: Path, pfm_file: Path) -> None:
+    """A stored config that leaves finetune_mode to its default (lora) still merges into a whole backbone."""
+    model, config = trained("lora", pfm_file)
+    del config["model"]["finetune_mode"]
+    expected = outputs(model)
+    path = save_checkpoint(tmp_path / "ckpt.pth", model, config, CLASSES)
+    merged_path = merge_checkpoint(path, tmp_path / "merged.pth")
+    merged_payload = torch.load(merged_path, weights_only=True)
+    assert merged_payload["backbone_state"] == "full"
+    assert merged_payload["config"]["model"]["merged_from"] == "lora"
+    moved = tmp_path / "gone.bin"
+    merged = wsiseg.load_segmenter({"model": {"pfm_weights_path": str(moved)}}, merged_path)
+    torch.testing.assert_close(outputs(merged), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_rule_reconciles_a_config_with_a_checkpoint(tmp_path: Path, pfm_file: Path) -> None:
+    """A stated model key must match (defaults filled in); a merged export also accepts its original mode."""
+    from wsiseg.models.checkpoint import read_checkpoint, reconcile
+
+    model, config = trained("lora", pfm_file)
+    payload = read_checkpoint(save_checkpoint(tmp_path / "ckpt.pth", model, config, CLASSES))
+    assert reconcile(payload, {"model": {"decoder": "fused", "pfm_weights_path": None}})["model"]["pfm_weights_path"] is None
+    with pytest.raises(WsisegError, match="model.decoder = 'fused' but the config has 'progressive'"):
+        reconcile(payload, {"model": {"decoder": "progressive"}})
+    with pytest.raises(WsisegError, match="dataset.num_classes = 3 but the config has 4"):
+        reconcile(payload, {"dataset": {"num_classes": 4}})
+    merged = read_checkpoint(merge_checkpoint(tmp_path / "ckpt.pth", tmp_path / "merged.pth"))
+    for mode in ("lora", "frozen"):
+        assert reconcile(merged, {"model": {"name": NAME, "finetune_mode": mode}})["model"]["finetune_mode"] == "frozen"
+    with pytest.raises(WsisegError, match="'frozen' or 'lora' but the config has 'full'"):
+        reconcile(merged, {"model": {"finetune_mode": "full"}})

@@ -67,7 +67,7 @@ def load_predictor(
                 f"the config has {user_classes} classes but checkpoint {Path(checkpoint).name} was trained with "
                 f"{len(class_names)} ({', '.join(class_names)}): pass the config it was trained with"
             )
-    model = load_segmenter(user, checkpoint, device=str(device))
+    model = load_segmenter(user, payload, device=str(device))
     precision = precision or effective.get("system", {}).get("precision", "auto")
     predictor = SegmenterPredictor(model, class_names, precision=precision)
     predictor.config = effective

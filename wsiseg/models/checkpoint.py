@@ -68,7 +68,7 @@ def save_checkpoint(path: str | Path, model: Segmenter, config: dict[str, Any], 
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file written by `save_checkpoint`."""
+    """Read a checkpoint file written by `save_checkpoint`: its payload, plus `path` (where it was read from)."""
     path = Path(path)
     if not path.is_file():
         raise WsisegError(f"checkpoint not found: {path}; pass the .pth written by `wsiseg train` (checkpoints/best_model.pth)")
@@ -78,44 +78,83 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise WsisegError(f"cannot read checkpoint {path}: {type(error).__name__}; the file is corrupt or not a wsiseg checkpoint") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise WsisegError(f"{path} is not a wsiseg segmenter checkpoint; pass a checkpoint written by `wsiseg train`")
+    payload["path"] = str(path)
     return payload
 
 
-def _config_from(config: dict[str, Any] | str | Path | None, stored: dict[str, Any]) -> dict[str, Any]:
-    """The stored config, with the user's PFM weights path when a config is given."""
+# what defines the model a checkpoint holds: a config given with the checkpoint must agree on each it states
+MODEL_KEYS = (("model", "name"), ("dataset", "num_classes"), ("model", "finetune_mode"), ("model", "decoder"))
+
+
+def _trained_with(payload: dict[str, Any], section: str, key: str) -> set[Any]:
+    """The values of `section.key` the checkpoint accepts (a merged export: also the mode it was merged from)."""
+    if (section, key) == ("dataset", "num_classes"):
+        return {len(payload["class_names"])}
+    if (section, key) == ("model", "name"):
+        return {payload["config"]["model"]["name"]}
+    model = model_config(payload["config"]["model"])
+    values = {model[key]}
+    if key == "finetune_mode" and model.get("merged_from"):
+        values.add(model["merged_from"])
+    return values
+
+
+def reconcile(payload: dict[str, Any], config: dict[str, Any] | str | Path | None) -> dict[str, Any]:
+    """The config the model of a checkpoint is rebuilt from: the one rule for load, merge, infer, segment and resume.
+
+    The checkpoint is the truth about the model: its stored config is used, with only
+    `model.pfm_weights_path` taken from `config` (the user's copy of the PFM weights). Each of
+    MODEL_KEYS that `config` states must agree with the checkpoint (defaults filled in).
+    """
+    stored = copy.deepcopy(payload["config"])
     if config is None:
-        return copy.deepcopy(stored)
+        return stored
     if not isinstance(config, dict):
         from wsiseg.config import load_config
 
         config = load_config(config, splits=(), check_files=False)
-    merged = copy.deepcopy(stored)
-    user_model = config.get("model", {}) or {}
-    if user_model.get("name") not in (None, stored["model"]["name"]):
-        raise WsisegError(f"the config's model.name {user_model['name']!r} differs from the checkpoint's "
-                          f"{stored['model']['name']!r}: use the config the checkpoint was trained with")
+    for section, key in MODEL_KEYS:
+        ours = (config.get(section) or {}).get(key)
+        theirs = _trained_with(payload, section, key)
+        if ours is not None and ours not in theirs:
+            shown = " or ".join(map(repr, sorted(theirs)))
+            raise WsisegError(f"checkpoint {payload['path']} was trained with {section}.{key} = {shown} but the config has "
+                              f"{ours!r}; use the matching config or checkpoint")
+    user_model = config.get("model") or {}
     if "pfm_weights_path" in user_model:
-        merged["model"]["pfm_weights_path"] = user_model["pfm_weights_path"]
-    return merged
+        stored["model"]["pfm_weights_path"] = user_model["pfm_weights_path"]
+    return stored
 
 
-def load_segmenter(config: dict[str, Any] | str | Path | None, checkpoint: str | Path, device: str = "cpu") -> Segmenter:
-    """Rebuild the segmenter of a checkpoint in eval mode on `device` (config None: the stored one)."""
-    payload = read_checkpoint(checkpoint)
-    config = _config_from(config, payload["config"])
-    cfg = model_config(config["model"])
+def restore_weights(model: Segmenter, payload: dict[str, Any], assign: bool = False) -> None:
+    """Load the backbone (whole or adapter) and decoder weights of a checkpoint into `model` (load and resume).
+
+    `assign` puts the stored tensors in place of a backbone built on the meta device.
+    """
     kind = payload["backbone_state"]
-    whole = kind == "full" and cfg["finetune_mode"] in ("full", "frozen")
-    model = build_segmenter(cfg, payload["num_classes"], load_weights=not whole, **payload.get("backbone_options", {}))
-    if whole:
-        model.backbone.load_state_dict(payload["backbone"], strict=True, assign=True)
-    elif kind == "full":
-        model.backbone.load_state_dict(payload["backbone"], strict=True)
+    if kind == "full":
+        model.backbone.load_state_dict(payload["backbone"], strict=True, assign=assign)
     elif kind == "adapter":
         load_adapter_state(model.backbone, payload["backbone"])
     model.decoder.load_state_dict(payload["decoder"], strict=True)
+
+
+def segmenter_from(payload: dict[str, Any], config: dict[str, Any], device: str = "cpu") -> Segmenter:
+    """The segmenter of a checkpoint already read, rebuilt from `config` (see `reconcile`), in eval mode on `device`."""
+    cfg = model_config(config["model"])
+    whole = payload["backbone_state"] == "full" and cfg["finetune_mode"] in ("full", "frozen")
+    model = build_segmenter(cfg, payload["num_classes"], load_weights=not whole, **payload.get("backbone_options", {}))
+    restore_weights(model, payload, assign=whole)
     model.class_names = list(payload["class_names"])
     return model.to(torch.device(device)).eval()
+
+
+def load_segmenter(config: dict[str, Any] | str | Path | None, checkpoint: str | Path | dict[str, Any],
+                   device: str = "cpu") -> Segmenter:
+    """Rebuild the segmenter of a checkpoint (a path, or a payload `read_checkpoint` returned) in eval mode on
+    `device`, checked against `config` (None: the stored one)."""
+    payload = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
+    return segmenter_from(payload, reconcile(payload, config), device)
 
 
 def merge_checkpoint(checkpoint: str | Path, out: str | Path, config: dict[str, Any] | str | Path | None = None,
@@ -123,10 +162,11 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, config: dict[str, 
     """Export a checkpoint as a plain model: LoRA/DoRA folded into the weights, whole backbone stored."""
     out = Path(out)
     check_writable(out, overwrite)
-    model = load_segmenter(config, checkpoint, "cpu")
     payload = read_checkpoint(checkpoint)
+    stored = reconcile(payload, config)
+    model = segmenter_from(payload, stored, "cpu")
     model.backbone = merge(model.backbone)
-    stored = _config_from(config, payload["config"])
-    stored["model"] = {**stored["model"], "finetune_mode": "frozen", "merged_from": stored["model"].get("finetune_mode")}
+    # the mode the model was built with (defaults filled in), so `merged_from` always marks the export
+    stored["model"] = {**stored["model"], "finetune_mode": "frozen", "merged_from": model.finetune_mode}
     model.finetune_mode = "frozen"
     return save_checkpoint(out, model, stored, payload["class_names"], **payload.get("extra", {}))

@@ -107,17 +107,11 @@ def checkpoint_file(path: str | Path) -> Path:
 
 def _load_model(config: str | Path | None, checkpoint: str | Path, device: Any) -> tuple[Any, dict[str, Any]]:
     """The segmenter of a checkpoint (checked against the config when one is given) and the config used."""
-    from wsiseg.config import load_config
-    from wsiseg.models.checkpoint import load_segmenter, read_checkpoint
-    from wsiseg.train.trainer import check_compatible
+    from wsiseg.models.checkpoint import read_checkpoint, reconcile, segmenter_from
 
     payload = read_checkpoint(checkpoint)
-    stored = payload["config"]
-    if config is not None:
-        user = load_config(config, splits=(), check_files=False)
-        check_compatible(stored, user, Path(checkpoint))
-        stored = {**stored, "model": {**stored["model"], "pfm_weights_path": user["model"]["pfm_weights_path"]}}
-    return load_segmenter(stored, checkpoint, str(device)), stored
+    stored = reconcile(payload, config)
+    return segmenter_from(payload, stored, str(device)), stored
 
 
 def _unique_names(entries: list[dict[str, Path | None]]) -> list[str]:

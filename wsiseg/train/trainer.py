@@ -179,26 +179,6 @@ def check_images(dataset: SegmentationDataset, split: str) -> None:
                               "masks must match their images pixel for pixel")
 
 
-def restore_weights(model: nn.Module, payload: dict[str, Any]) -> None:
-    """Load the backbone (whole or adapter) and decoder weights of a checkpoint payload into `model`."""
-    from wsiseg.models.finetune import load_adapter_state
-
-    if payload["backbone_state"] == "full":
-        model.backbone.load_state_dict(payload["backbone"], strict=True)
-    elif payload["backbone_state"] == "adapter":
-        load_adapter_state(model.backbone, payload["backbone"])
-    model.decoder.load_state_dict(payload["decoder"], strict=True)
-
-
-def check_compatible(stored: dict[str, Any], config: dict[str, Any], path: Path) -> None:
-    """Refuse a checkpoint of another model or class count than the config."""
-    for section, key in (("model", "name"), ("dataset", "num_classes"), ("model", "finetune_mode"), ("model", "decoder")):
-        theirs, ours = stored.get(section, {}).get(key), config[section].get(key)
-        if theirs != ours:
-            raise WsisegError(f"checkpoint {path} was trained with {section}.{key} = {theirs!r} but the config has "
-                              f"{ours!r}; use the matching config or checkpoint")
-
-
 class Trainer:
     """One training run of a completed config (see `train_model`)."""
 
@@ -257,12 +237,12 @@ class Trainer:
             pin_memory=self.device.type == "cuda" if system.pin_memory is None else system.pin_memory,
             persistent_workers=False)
 
-    def resume(self, path: Path) -> None:
-        """Continue from a `last.pth`: weights, optimiser, scheduler, scaler, epoch, history and RNG state."""
-        from wsiseg.models.checkpoint import read_checkpoint
+    def resume(self, payload: dict[str, Any]) -> None:
+        """Continue from a `last.pth` payload (`read_checkpoint`, checked by `reconcile`): weights, optimiser,
+        scheduler, scaler, epoch, history and RNG state."""
+        from wsiseg.models.checkpoint import restore_weights
 
-        payload = read_checkpoint(path)
-        check_compatible(payload["config"], self.config, path)
+        path = payload["path"]
         state = payload.get("extra", {}).get("training")
         if state is None:
             raise WsisegError(f"{path} holds no training state (is it a best_model.pth or an export?); resume from "
@@ -446,14 +426,15 @@ def train_model(config: str | Path | dict[str, Any], resume: str | Path | None =
         config, reference_keys = read_config(config, options=options)
     if device is not None:
         config["system"]["device"] = device
+    resumed = None
     if resume is not None:
-        from wsiseg.models.checkpoint import read_checkpoint
+        from wsiseg.models.checkpoint import read_checkpoint, reconcile
 
         resume = Path(resume)
         if resume.is_dir():
             resume = resume / "checkpoints" / "last.pth" if (resume / "checkpoints").is_dir() else resume / "last.pth"
-
-        check_compatible(read_checkpoint(resume)["config"], config, Path(resume))
+        resumed = read_checkpoint(resume)
+        reconcile(resumed, config)
     dist = Distributed()
     try:
         chosen = resolve_device(config["system"]["device"])
@@ -475,8 +456,8 @@ def train_model(config: str | Path | dict[str, Any], resume: str | Path | None =
                 log.info("training %s on %s (%s) -> %s", config["model"]["name"], chosen,
                          str(autocast_dtype(chosen, config["system"]["precision"]) or "fp32").replace("torch.", ""), out)
             trainer = Trainer(config, chosen, dist)
-            if resume is not None:
-                trainer.resume(Path(resume))
+            if resumed is not None:
+                trainer.resume(resumed)
             summary = trainer.run()
             if dist.main:
                 log.info("done: best %s %.4f at epoch %s; checkpoints in %s", summary["metric"],
