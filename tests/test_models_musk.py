@@ -20,7 +20,7 @@ from wsiseg.errors import WsisegError
 from wsiseg.models import registry
 from wsiseg.models.finetune import trunk
 from wsiseg.models.segmenter import build_segmenter
-from wsiseg.models.weights import load_backbone_weights
+from wsiseg.models.registry import load_backbone_weights
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "musk.yaml"
 TINY = dict(img_size=64, embed_dim=64, depth=2, num_heads=4)  # MuskVision arguments of a tiny MUSK

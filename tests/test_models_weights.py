@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from wsiseg.errors import WsisegError
 from wsiseg.models import registry, weights
 from wsiseg.models.finetune import find_targets
-from wsiseg.models.weights import load_backbone_weights
+from wsiseg.models.registry import load_backbone_weights
 
 TINY = "timm:vit_tiny_patch16_224"
 VITS = [n for n in registry.names() if n not in ("musk", "efficientnet_lite0_imagenet")]

@@ -83,7 +83,7 @@ def check_config(path: Path) -> list[Check]:
     """The config validates, and its backbone weights exist and fit the architecture."""
     from wsiseg.config import load_config
     from wsiseg.errors import WsisegError
-    from wsiseg.models.weights import load_backbone_weights
+    from wsiseg.models.registry import load_backbone_weights
 
     try:
         config = load_config(path, splits=(), check_files=True)

@@ -426,8 +426,6 @@ def build_backbone(name: str, weights_path: str | Path | None = None, device: st
     A registry entry with default weights (efficientnet_lite0_imagenet) uses them when
     `weights_path` is None. Random initialisation is logged as a warning.
     """
-    from wsiseg.models.weights import load_backbone_weights
-
     found = entry(name)
     if weights_path is None and found.default_weights is not None and device != "meta":
         weights_path = found.default_weights()
@@ -436,3 +434,29 @@ def build_backbone(name: str, weights_path: str | Path | None = None, device: st
             log.warning("%s: no weights given (pfm_weights_path: null), the backbone is randomly initialised", name)
         return create(name, device, **kwargs)
     return load_backbone_weights(name, Path(weights_path), device=device, **kwargs)
+
+
+def load_backbone_weights(name: str, path: Path, device: str = "cpu", **kwargs: Any) -> Any:
+    """Build `name` on the meta device and load the weights at `path` into it strictly, then move to `device`."""
+    from wsiseg.models import weights
+
+    found = entry(name)
+    source = weights.resolve_weights_file(path)
+    raw = weights.read_backbone_state(source)
+    if found.kind == "cnn":
+        skeleton = create(name, "meta", **kwargs)
+        with_head = create(name, "meta", **{**kwargs, "classifier": True}).state_dict()
+        state = weights.cnn_state(raw, with_head, skeleton.state_dict(), str(source), found.remap == "in_order")
+    else:
+        if found.remap == "musk":
+            from wsiseg.models.musk import remap_published
+
+            raw = remap_published(raw, str(source))
+        skeleton = create(name, "meta", **kwargs)
+        state = weights.vit_state(raw, skeleton)
+        image_size = weights.native_image_size(state, skeleton) if "img_size" not in kwargs else None
+        if image_size:
+            log.info("%s: checkpoint position embeddings are for %d px; building at that size", name, image_size)
+            skeleton = create(name, "meta", img_size=image_size, **kwargs)
+            state = weights.vit_state(raw, skeleton)
+    return weights.assign(skeleton, state, str(source), name, "cpu" if device == "meta" else device)

@@ -1,4 +1,5 @@
-"""Load backbone weights from local files: unwrap, strip prefixes, remap foreign layouts, load strictly.
+"""Backbone weights from local files, as state dicts: read, unwrap, strip prefixes, remap foreign layouts,
+check the fit and load strictly into a module built elsewhere (`registry.load_backbone_weights`).
 
 The module is built on the meta device and the state dict is loaded with
 `load_state_dict(assign=True)`, so a ViT-g loads in about the time it takes to read the file.
@@ -256,7 +257,7 @@ def remap_in_order(state: dict[str, Any], model_state: dict[str, Any], source: s
     return out
 
 
-def _image_size_from(state: dict[str, Any], skeleton: Any) -> int | None:
+def native_image_size(state: dict[str, Any], skeleton: Any) -> int | None:
     """The native image size implied by a checkpoint's position embeddings, when it differs from the build's."""
     pos = state.get("pos_embed")
     if pos is None or pos.dim() != 3:
@@ -287,44 +288,29 @@ def check_fit(state: dict[str, Any], model_state: dict[str, Any], source: str, n
     raise WsisegError(f"weights {source} do not fit {name}: {problems}; check model.name matches the checkpoint")
 
 
-def load_backbone_weights(name: str, path: Path, device: str = "cpu", **kwargs: Any) -> Any:
-    """Build `name` on the meta device and load the weights at `path` into it strictly, then move to `device`."""
-    from wsiseg.models.registry import create, entry
-
-    found = entry(name)
-    source = resolve_weights_file(path)
-    if found.kind == "cnn":
-        return _load_cnn(name, source, device, **kwargs)
-    raw = strip_prefixes(unwrap(read_state_dict(source)))
-    if found.remap == "musk":
-        from wsiseg.models.musk import remap_published
-
-        raw = remap_published(raw, str(source))
-    skeleton = create(name, "meta", **kwargs)
-    state = remap_hf(raw, skeleton) if is_hf_layout(raw) else raw
-    image_size = _image_size_from(state, skeleton) if "img_size" not in kwargs else None
-    if image_size:
-        log.info("%s: checkpoint position embeddings are for %d px; building at that size", name, image_size)
-        skeleton = create(name, "meta", img_size=image_size, **kwargs)
-        state = remap_hf(raw, skeleton) if is_hf_layout(raw) else raw
-    return _assign(skeleton, state, str(source), name, "cpu" if device == "meta" else device)
+def read_backbone_state(source: Path) -> dict[str, Any]:
+    """The tensors of a weights file, out of their wrappers and without wrapper prefixes."""
+    return strip_prefixes(unwrap(read_state_dict(source)))
 
 
-def _load_cnn(name: str, source: Path, device: str, **kwargs: Any) -> Any:
-    """Load a CNN; keys of the classifier head, which a feature extractor lacks, are dropped."""
-    from wsiseg.models.registry import create, entry
-
-    skeleton = create(name, "meta", **kwargs)
-    full = create(name, "meta", **{**kwargs, "classifier": True}).state_dict()
-    state = strip_prefixes(unwrap(read_state_dict(source)))
-    if entry(name).remap == "in_order" and not set(state) <= set(full):
-        state = remap_in_order(state, full, str(source))
-    head = set(full) - set(skeleton.state_dict())
-    return _assign(skeleton, {k: v for k, v in state.items() if k not in head}, str(source), name,
-                   "cpu" if device == "meta" else device)
+def vit_state(raw: dict[str, Any], skeleton: Any) -> dict[str, Any]:
+    """A ViT state dict in timm's layout for `skeleton` (Hugging Face layouts remapped)."""
+    return remap_hf(raw, skeleton) if is_hf_layout(raw) else raw
 
 
-def _assign(model: Any, state: dict[str, Any], source: str, name: str, device: str) -> Any:
+def cnn_state(state: dict[str, Any], with_head: dict[str, Any], trunk: dict[str, Any], source: str,
+              in_order: bool = False) -> dict[str, Any]:
+    """A CNN state dict for the feature trunk: keys remapped in order if asked, classifier head keys dropped.
+
+    `with_head` / `trunk` are the state dicts of the model with and without its classifier.
+    """
+    if in_order and not set(state) <= set(with_head):
+        state = remap_in_order(state, with_head, source)
+    head = set(with_head) - set(trunk)
+    return {k: v for k, v in state.items() if k not in head}
+
+
+def assign(model: Any, state: dict[str, Any], source: str, name: str, device: str) -> Any:
     """Strictly load `state` into the meta-built `model` with assign, cast to float32, move to `device`."""
     import torch
 
