@@ -15,19 +15,33 @@ log = get_logger("export")
 # format -> default file name (next to the mask store)
 FORMATS: dict[str, str] = {
     "tiff": "mask.tif",
+    "palette-tiff": "mask.palette.tif",
     "ome-tiff": "mask.ome.tif",
     "geojson": "mask.geojson",
     "png": "overlay.png",
 }
 
 
-def write_mask_tiff(store: MaskStore, path: Path, flavour: str = "openslide") -> Path:
-    """The mask's pyramid as a tiled pyramidal TIFF (OpenSlide/ASAP flavour, or OME-TIFF with SubIFDs)."""
+TIFF_COMPRESSION = "zlib"  # deflate: ASAP, libtiff, OpenSlide 3.4 and 4, Bio-Formats all read it (ASAP refuses zstd)
+
+
+def write_mask_tiff(
+    store: MaskStore, path: Path, flavour: str = "openslide", palette: bool = False, tile: int = 256
+) -> Path:
+    """The mask's pyramid as a tiled pyramidal TIFF of min-is-black labels (or with a colour table).
+
+    Levels are padded with the background label to exact halves (see `wsiseg.export.tiff`).
+    `flavour` "openslide": top-level pages (OpenSlide, ASAP); "ome": OME-TIFF with SubIFDs
+    (QuPath / Bio-Formats). `palette` adds the class colours as a TIFF colour table, which
+    OpenSlide renders but ASAP refuses.
+    """
     from wsiseg.export.tiff import write_pyramidal_tiff
 
     levels = [store.level(index) for index in range(store.num_levels)]
-    colormap = store.colors if levels[0].dtype == np.uint8 else None
-    return write_pyramidal_tiff(path, levels, store.mpp, flavour=flavour, colormap=colormap)
+    return write_pyramidal_tiff(
+        path, levels, store.mpp, flavour=flavour, tile=tile, compression=TIFF_COMPRESSION,
+        colormap=store.colors if palette else None, pad_value=store.background,
+    )
 
 
 def source_thumbnail(store: MaskStore, max_side: int = 2048) -> np.ndarray | None:
@@ -52,6 +66,8 @@ def write_export(store: MaskStore, fmt: str, path: Path, thumbnail: np.ndarray |
 
     if fmt == "tiff":
         return write_mask_tiff(store, path, "openslide")
+    if fmt == "palette-tiff":
+        return write_mask_tiff(store, path, "openslide", palette=True)
     if fmt == "ome-tiff":
         return write_mask_tiff(store, path, "ome")
     if fmt == "geojson":
