@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from wsiseg.errors import WsisegError
@@ -59,8 +61,13 @@ def source_thumbnail(store: MaskStore, max_side: int = 2048) -> np.ndarray | Non
         return None
 
 
-def write_export(store: MaskStore, fmt: str, path: Path, thumbnail: np.ndarray | None = None) -> Path:
-    """Write one export format of `store` to `path` (no existence checks)."""
+def write_export(
+    store: MaskStore, fmt: str, path: Path, thumbnail: np.ndarray | None = None, **geojson: Any
+) -> Path:
+    """Write one export format of `store` to `path` (no existence checks).
+
+    `geojson`: `level`, `simplify` (µm) and `min_area` (µm²) of the GeoJSON tracing.
+    """
     from wsiseg.export.geojson import write_geojson
     from wsiseg.export.overlay import write_overlay
 
@@ -71,7 +78,7 @@ def write_export(store: MaskStore, fmt: str, path: Path, thumbnail: np.ndarray |
     if fmt == "ome-tiff":
         return write_mask_tiff(store, path, "ome")
     if fmt == "geojson":
-        return write_geojson(store, path)
+        return write_geojson(store, path, **geojson)
     if fmt == "png":
         return write_overlay(store, path, thumbnail if thumbnail is not None else source_thumbnail(store))
     raise WsisegError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -86,15 +93,25 @@ def open_complete(mask: Path | str) -> MaskStore:
 
 
 def export_mask(
-    mask: Path | str, format: str = "tiff", output: Path | str | None = None, overwrite: bool = False
+    mask: Path | str,
+    format: str = "tiff",
+    output: Path | str | None = None,
+    overwrite: bool = False,
+    level: int | None = None,
+    simplify: float = 0.0,
+    min_area: float = 0.0,
 ) -> Path:
-    """Export a mask.zarr as `format` (tiff, ome-tiff, geojson, png) to `output` (default: next to it)."""
+    """Export a mask.zarr as `format` (see FORMATS) to `output` (default: next to it).
+
+    `level`, `simplify` (µm, 0 = off) and `min_area` (µm²) shape the
+    GeoJSON polygons (see `wsiseg.export.geojson`).
+    """
     if format not in FORMATS:
         raise WsisegError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     store = open_complete(mask)
     final = Path(output) if output is not None else Path(mask).parent / FORMATS[format]
     with atomic_output(final, overwrite=overwrite, resume=False) as partial:
-        write_export(store, format, partial)
+        write_export(store, format, partial, level=level, simplify=simplify, min_area=min_area)
     log.info("wrote %s", final)
     return final
 
