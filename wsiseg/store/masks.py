@@ -72,6 +72,24 @@ def level_shapes(height: int, width: int, min_size: int = LEVEL_MIN_SIZE) -> lis
     return shapes
 
 
+def level_datasets(levels: int, mpp: float, origin_um: tuple[float, float], channels: bool) -> list[dict[str, Any]]:
+    """OME-Zarr `datasets` of a power-of-two pyramid: level L has pixels of 2^L x `mpp`, centred on the level-0 pixels it covers."""
+    datasets = []
+    for level in range(levels):
+        size = mpp * 2**level
+        shift = (size - mpp) / 2  # pixel centres: level L's first one sits between level 0's first 2^L
+        scale, translation = [size, size], [origin_um[1] + shift, origin_um[0] + shift]
+        if channels:
+            scale, translation = [1.0, *scale], [0.0, *translation]
+        datasets.append({
+            "path": str(level),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": scale}, {"type": "translation", "translation": translation},
+            ],
+        })
+    return datasets
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON to a temporary sibling, then rename it over `path`."""
     with atomic_file(path) as temporary:
