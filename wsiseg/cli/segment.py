@@ -73,9 +73,11 @@ def segment_command(
 
 @click.command("export")
 @click.argument("mask", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True)
+@click.option("--format", "fmt", type=click.Choice([*EXPORT_FORMATS, "labels"]), required=True,
+              help="labels: an OME-Zarr label image inside the tile store MASK was segmented from.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Output file [default: mask.tif, mask.ome.tif, mask.geojson or overlay.png next to MASK].")
+              help="Output [default: mask.tif, mask.palette.tif, mask.ome.tif, mask.geojson or overlay.png next "
+                   "to MASK; STORE.zarr/labels/segmentation for labels].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--level", type=int, default=None,
               help="GeoJSON: pyramid level to trace [default: the finest of at most 25 Mpx].")

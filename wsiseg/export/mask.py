@@ -10,7 +10,7 @@ import numpy as np
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import atomic_output
 from wsiseg.progress import get_logger
-from wsiseg.store.masks import MaskStore
+from wsiseg.store.masks import LABELS_GROUP, MaskStore
 
 log = get_logger("export")
 
@@ -24,6 +24,8 @@ FORMATS: dict[str, str] = {
 }
 
 
+LABELS = "labels"  # a label image inside the source tile store, not a file beside the mask
+DEFAULT_LABEL_NAME = "segmentation"
 TIFF_COMPRESSION = "zlib"  # deflate: ASAP, libtiff, OpenSlide 3.4 and 4, Bio-Formats all read it (ASAP refuses zstd)
 
 
@@ -84,6 +86,25 @@ def write_export(
     raise WsisegError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
 
 
+def export_labels(store: MaskStore, output: Path | str | None = None, overwrite: bool = False) -> Path:
+    """Write the mask as an OME-Zarr label image inside the tile store it was made from (default name `segmentation`)."""
+    from wsiseg.store.tiles import TileStore
+
+    if output is None:
+        source = Path(store.source or "")
+        try:
+            TileStore.open(source)
+        except WsisegError:
+            raise WsisegError(
+                f"{store.path} was segmented from {source.name or 'an unknown source'}, not a tile store: "
+                "tile the slide (`wsiseg tile`), segment the store, then export its labels"
+            ) from None
+        output = source / LABELS_GROUP / DEFAULT_LABEL_NAME
+    path = store.write_into_image(Path(output), overwrite=overwrite)
+    log.info("wrote %s", path)
+    return path
+
+
 def open_complete(mask: Path | str) -> MaskStore:
     """Open a finished mask store, or say why it cannot be used."""
     store = MaskStore.open(Path(mask))
@@ -106,8 +127,10 @@ def export_mask(
     `level`, `simplify` (µm, 0 = off) and `min_area` (µm²) shape the
     GeoJSON polygons (see `wsiseg.export.geojson`).
     """
+    if format == LABELS:
+        return export_labels(open_complete(mask), output, overwrite)
     if format not in FORMATS:
-        raise WsisegError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+        raise WsisegError(f"unknown export format {format!r}: use one of {', '.join([*FORMATS, LABELS])}")
     store = open_complete(mask)
     final = Path(output) if output is not None else Path(mask).parent / FORMATS[format]
     with atomic_output(final, overwrite=overwrite, resume=False) as partial:
