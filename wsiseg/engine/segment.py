@@ -92,19 +92,10 @@ def load_predictor(
         effective.setdefault("model", {})["pfm_weights_path"] = str(weights)
     effective["model"].setdefault("name", stored["model"]["name"])
     check_backbone_weights(payload, effective, random_weights)
-    if user is not None or weights is not None:
-        user = effective
-    class_names = list(payload["class_names"])
-    if user is not None:
-        user_classes = user.get("dataset", {}).get("num_classes")
-        if user_classes is not None and int(user_classes) != len(class_names):
-            raise WsisegError(
-                f"the config has {user_classes} classes but checkpoint {Path(checkpoint).name} was trained with "
-                f"{len(class_names)} ({', '.join(class_names)}): pass the config it was trained with"
-            )
-    model = load_segmenter(user, payload, device=str(device))
+    given = effective if user is not None or weights is not None else None
+    model = load_segmenter(given, payload, device=str(device))
     precision = precision or effective.get("system", {}).get("precision", "auto")
-    predictor = SegmenterPredictor(model, class_names, precision=precision)
+    predictor = SegmenterPredictor(model, model.class_names, precision=precision)
     predictor.config = effective
     return predictor, effective
 

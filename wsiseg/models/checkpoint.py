@@ -118,8 +118,9 @@ def reconcile(payload: dict[str, Any], config: dict[str, Any] | str | Path | Non
         theirs = _trained_with(payload, section, key)
         if ours is not None and ours not in theirs:
             shown = " or ".join(map(repr, sorted(theirs)))
+            classes = f" (its classes: {', '.join(payload['class_names'])})" if key == "num_classes" else ""
             raise WsisegError(f"checkpoint {payload['path']} was trained with {section}.{key} = {shown} but the config has "
-                              f"{ours!r}; use the matching config or checkpoint")
+                              f"{ours!r}{classes}; use the matching config or checkpoint")
     user_model = config.get("model") or {}
     if "pfm_weights_path" in user_model:
         stored["model"]["pfm_weights_path"] = user_model["pfm_weights_path"]
