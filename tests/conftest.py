@@ -8,17 +8,34 @@ from pathlib import Path
 
 import pytest
 
-from wsiseg.samples import fetch_samples
+from wsiseg.samples import cache_dir, fetch_samples
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def samples() -> dict[str, Path]:
-    """Paths of the real sample material, fetched once per test process before any test.
-
-    Autouse: run time never downloads (efficientnet_lite0_imagenet reads its weights from the cache
-    only), so on a fresh machine the cache must be filled before the first test builds a backbone.
-    """
+    """Paths of the real sample material, fetched once per test process by the tests that ask for it."""
     return fetch_samples()
+
+
+@pytest.fixture(scope="session")
+def sample_cache(samples: dict[str, Path]) -> Path:
+    """The filled sample cache, for tests that need it without its paths: run time never downloads, so
+    efficientnet_lite0_imagenet built with its default weights reads them from the cache."""
+    return cache_dir()
+
+
+@pytest.fixture(scope="session")
+def _empty_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("empty_sample_cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_only_where_asked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that asks for neither `samples` nor `sample_cache` sees an empty sample cache (its
+    subprocesses too), as on a fresh machine before anything fetched: a test that needs the cache
+    without asking fails at once instead of passing only after another test filled it."""
+    if "samples" not in request.fixturenames:
+        monkeypatch.setenv("WSISEG_CACHE", str(request.getfixturevalue("_empty_cache")))
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ from tests.train_fixtures import make_config, make_dataset
 from wsiseg.config import load_config, validate_config
 from wsiseg.config_types import REQUIRED
 from wsiseg.errors import WsisegError
+from wsiseg.models.registry import declared_spec
 
 
 @pytest.fixture()
@@ -130,7 +131,7 @@ def test_shipped_configs_are_valid(samples: dict[str, Path]) -> None:
     folder = Path(__file__).resolve().parents[1] / "configs"
     for path in sorted(folder.glob("*.yaml")):
         config = load_config(path, check_files=False)
-        assert config["model"]["name"], path
+        assert config["model"]["input_size"] % declared_spec(config["model"]["name"]).input_multiple == 0, path
     reference = load_config(folder / "reference" / "lunit_vits8.yaml")
     assert reference["model"]["lora_alpha"] == 4.0 and reference["validation"]["mode"] == "resize"
     demo = load_config(folder / "demo.yaml")

@@ -147,6 +147,7 @@ def test_banks_made_elsewhere_are_clipped_or_refused(caplog: pytest.LogCaptureFi
         ConceptBank({4: raw, 2: raw[:2, :5]})
 
 
+@pytest.mark.usefixtures("sample_cache")  # builds efficientnet_lite0_imagenet
 def test_fseg_refuses_a_bank_of_another_feature_length(tmp_path: Path) -> None:
     import wsiseg
 

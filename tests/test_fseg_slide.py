@@ -88,6 +88,7 @@ def test_bank_from_one_slide_labels_another_consistently(halves: dict) -> None:
     assert transfer > 0.85 * oracle, (transfer, oracle)
 
 
+@pytest.mark.slow
 def test_fseg_on_the_sample_slide_writes_every_output(samples: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "cmu"
     # unclipped, so that glass inside tissue windows keeps its concept (checked below)
@@ -132,6 +133,7 @@ def test_bad_input(halves: dict, tmp_path: Path) -> None:
         wsiseg.fit_concepts(folder / "left.png", None, ks=[4], slide_mpp=HGSC_MPP, mpp=0.5, window=200, device="cpu")
 
 
+@pytest.mark.slow
 def test_cli_user_errors(halves: dict, tmp_path: Path) -> None:
     data = Path(__file__).parent / "data"
     result = run_cli("fseg", halves["folder"] / "left.png", "--slide-mpp", HGSC_MPP, "--k", 3,

@@ -16,6 +16,8 @@ from wsiseg.errors import WsisegError
 from wsiseg.metrics import MetricAccumulator
 from wsiseg.train.infer import infer_images, predict_resized, predict_windows, resized_shape
 
+pytestmark = pytest.mark.slow  # end to end: trains, or runs the CLI in subprocesses
+
 
 def _pixelwise(batch: torch.Tensor) -> torch.Tensor:
     """A position-independent 'model': class scores from the pixel's own colour (softmax of R, G, B)."""

@@ -54,6 +54,7 @@ def material(samples: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     return paths
 
 
+@pytest.mark.slow
 def test_patches_segment_with_the_labels_infer_gives(material: dict[str, Path]) -> None:
     """Patch-sized images (the trainer's own input) through `segment` and through `infer`: same labels."""
     from wsiseg.train.infer import infer_images
@@ -104,6 +105,7 @@ def test_tissue_all_and_a_mask_file(material: dict[str, Path], samples: dict[str
         segment_slide(tmp_path / "glass.png", material["checkpoint"], tmp_path / "glass", **options)
 
 
+@pytest.mark.slow
 def test_a_store_run_gives_the_overlay_of_the_slide_run(material: dict[str, Path], samples: dict[str, Path],
                                                          tmp_path: Path) -> None:
     from wsiseg.store.tiling import tile_slide
@@ -134,6 +136,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_user_errors_arrive_in_one_line_before_torch_loads(material: dict[str, Path], tmp_path: Path) -> None:
     """Paths, MPP, options, weights: refused before torch or a model is loaded (so within about 0.6 s)."""
     checkpoint, crop = material["checkpoint"], material["crop224"]

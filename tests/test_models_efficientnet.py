@@ -42,6 +42,7 @@ def test_default_weights_and_features(samples: dict[str, Path]) -> None:
         assert token_features(trunk, x, layer=-1).shape == (1, 320, 7, 7)
 
 
+@pytest.mark.usefixtures("sample_cache")  # builds efficientnet_lite0_imagenet
 def test_segmenter_on_efficientnet_non_square() -> None:
     model = build_segmenter({"name": "efficientnet_lite0_imagenet", "finetune_mode": "frozen", "input_size": 64}, 4)
     with torch.no_grad():

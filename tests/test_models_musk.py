@@ -97,6 +97,7 @@ def random_beit3(BEiT3, EncoderConfig, **sizes) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow
 def test_tokens_equal_torchscale_beit3_through_the_config(torchscale_beit3, tmp_path: Path) -> None:
     """A torchscale-built MUSK checkpoint, in both published forms, loads through configs/musk.yaml and
     gives torchscale's tokens (class and patch tokens, last block after the final norm)."""
@@ -118,6 +119,7 @@ def test_tokens_equal_torchscale_beit3_through_the_config(torchscale_beit3, tmp_
         torch.testing.assert_close(maps.flatten(2).transpose(1, 2), expected[:, 1:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_off_grid_positions_resampled_as_musks_loader_does(torchscale_beit3, tmp_path: Path) -> None:
     """At 96 px, tokens equal torchscale's BEiT3 built for 96 px holding the 64 px table resampled by plain
     bicubic (what MUSK's load_model_and_may_interpolate does: class and unused rows kept, grid resampled)."""
@@ -137,6 +139,7 @@ def test_off_grid_positions_resampled_as_musks_loader_does(torchscale_beit3, tmp
         torch.testing.assert_close(model.forward_features(x), large(visual_tokens=x)["encoder_out"], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_published_layout_at_real_size_fits(torchscale_beit3) -> None:
     """MUSK's real encoder (ViT-L/16 at 384, vocab 64010), built by torchscale on the meta device, fits the entry."""
     from wsiseg.models import musk, weights

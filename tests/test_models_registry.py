@@ -60,6 +60,7 @@ def test_declared_facts_equal_the_meta_build(name: str) -> None:
     assert registry.declared_spec(name) == registry.get_spec(name)
 
 
+@pytest.mark.slow
 def test_models_listing_imports_no_torch() -> None:
     """`wsiseg models` reads declared facts only: neither torch nor timm is imported (it answers instantly)."""
     code = ("import sys, io, contextlib; from wsiseg.cli import main\n"
@@ -120,6 +121,7 @@ def test_models_json_cli_lists_every_name(capsys: pytest.CaptureFixture) -> None
         assert len(row["mean"]) == len(row["std"]) == 3
 
 
+@pytest.mark.slow
 def test_merge_cli_missing_checkpoint_is_one_line_error(tmp_path) -> None:
     assert_user_error(run_cli("merge", tmp_path / "none.pth", "--out", tmp_path / "m.pth"), "checkpoint not found")
 

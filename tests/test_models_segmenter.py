@@ -109,6 +109,7 @@ def test_peft_wraps_real_size_models_on_meta(name: str) -> None:
     assert all(p.requires_grad == ("lora_" in n) for n, p in wrapped.named_parameters())
 
 
+@pytest.mark.usefixtures("sample_cache")  # builds efficientnet_lite0_imagenet
 def test_lora_without_matching_targets_is_an_error() -> None:
     with pytest.raises(WsisegError, match="match no layer.*qkv"):
         build_segmenter({**TINY, "lora_target_modules": ["q_proj", "v_proj"]}, 2, depth=1)

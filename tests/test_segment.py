@@ -70,6 +70,7 @@ def he_png(samples: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     return path
 
 
+@pytest.mark.slow
 def test_cmu_slide_end_to_end(samples: dict[str, Path], checkpoint: Path, tmp_path: Path) -> None:
     import openslide
     import tifffile
@@ -207,6 +208,7 @@ def test_resize_mode(samples: dict[str, Path], checkpoint: Path, tmp_path: Path)
     assert (tmp_path / "overlay.png").is_file()
 
 
+@pytest.mark.slow
 def test_tile_store_input(samples: dict[str, Path], checkpoint: Path, tmp_path: Path) -> None:
     from wsiseg.store.tiling import tile_slide
 
@@ -252,6 +254,7 @@ def test_tile_store_input(samples: dict[str, Path], checkpoint: Path, tmp_path: 
         export_mask(tmp_path / "from_slide" / "mask.zarr", "labels")
 
 
+@pytest.mark.slow
 def test_several_slides_on_a_dask_cluster(he_png: Path, samples: dict[str, Path], checkpoint: Path,
                                          tmp_path: Path) -> None:
     from distributed import LocalCluster
@@ -328,6 +331,7 @@ def test_fseg_slide_closes_the_slides_it_opened(he_png: Path, tmp_path: Path, mo
     assert sorted(closed) == sorted([he_png, blank])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)  # before the fix, the run hung
 def test_cluster_without_gpu_resources(he_png: Path, checkpoint: Path, tmp_path: Path) -> None:
     from distributed import LocalCluster

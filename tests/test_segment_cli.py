@@ -12,6 +12,8 @@ from PIL import Image
 
 from tests.conftest import assert_user_error, run_cli
 
+pytestmark = pytest.mark.slow  # end to end: trains, or runs the CLI in subprocesses
+
 CLASSES = ["background", "tumour", "stroma"]
 
 

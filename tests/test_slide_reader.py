@@ -40,6 +40,7 @@ def test_cmu_metadata(samples):
         assert set(slide.associated_images) == {"label", "macro", "thumbnail"}
 
 
+@pytest.mark.slow
 def test_info_command_reports_size_and_mpp(samples):
     result = run_cli("info", samples["cmu_svs"], "--json")
     assert result.returncode == 0, result.stderr
@@ -245,6 +246,7 @@ def test_bad_slides_raise_user_errors(samples, tmp_path, key, words):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_info_command_bad_input_is_one_line(samples, tmp_path):
     assert_user_error(run_cli("info", samples["unreadable_svs"]), "corrupt")
     assert_user_error(run_cli("info", tmp_path), "folder")

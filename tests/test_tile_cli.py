@@ -10,6 +10,8 @@ from tests.conftest import assert_user_error, run_cli
 from wsiseg.outputs import partial_path
 from wsiseg.store.tiles import TileStore
 
+pytestmark = pytest.mark.slow  # end to end: trains, or runs the CLI in subprocesses
+
 
 def nothing_complete(out) -> bool:
     """No store in `out` (a folder or a .zarr path) claims to be complete."""

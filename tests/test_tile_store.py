@@ -174,6 +174,7 @@ def test_no_tissue_gives_an_empty_complete_store(tmp_path, caplog):
     assert (store.read(0, 0, 600, 400) == 255).all()
 
 
+@pytest.mark.slow
 def test_dask_workers_write_every_chunk(samples, tmp_path):
     store = tile_slide(samples["cmu_svs"], tmp_path / "d.zarr", 0.5, tile=256, workers=2, progress=False)
     positions = store.tissue_tiles()
@@ -184,6 +185,7 @@ def test_dask_workers_write_every_chunk(samples, tmp_path):
                               _tissue_only(slide.read(0, 0, store.width, store.height, 0.5), positions, 256))
 
 
+@pytest.mark.slow
 def test_existing_scheduler_with_threaded_workers(samples, tmp_path):
     from distributed import LocalCluster
 

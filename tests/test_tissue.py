@@ -68,6 +68,7 @@ def test_a_crop_keeps_the_tissue_edge_the_slide_mask_has(cmu):
     assert (own == reference).mean() > 0.97
 
 
+@pytest.mark.slow
 def test_small_fragments_on_a_large_slide_are_kept_only_with_nuclei(cmu):
     """A mosaic: real 30 um fragments pasted far apart on a 1.5 mm canvas of white, and eosin-only copies."""
     canvas = np.full((3000, 3000, 3), 244, np.uint8)

@@ -15,6 +15,8 @@ from tests.conftest import assert_user_error, run_cli
 from tests.train_fixtures import make_reference_dataset, random_lunit_weights, reference_config, train_tiny
 from wsiseg.train.infer import infer_images
 
+pytestmark = pytest.mark.slow  # end to end: trains, or runs the CLI in subprocesses
+
 
 def run_here(capsys: pytest.CaptureFixture, *args: object) -> subprocess.CompletedProcess:
     """`wsiseg ARGS` in this process (cheaper than a subprocess for commands that import no torch)."""
