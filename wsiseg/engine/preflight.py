@@ -36,21 +36,6 @@ def check_source(path: str | Path, slide_mpp: float | None = None) -> None:
         slide.mpp  # noqa: B018 - raises when the slide has no MPP and none was passed
 
 
-def check_sources(slides: Sequence[str | Path], slide_mpp: float | None = None, skip_errors: bool = False) -> dict[str, str]:
-    """{slide: error} of the slides that fail `check_source`; without `skip_errors` the first error is raised."""
-    if not slides:
-        raise WsisegError("no slides given: pass one or more slide files or tile stores")
-    failed = {}
-    for slide in slides:
-        try:
-            check_source(slide, slide_mpp)
-        except WsisegError as error:
-            if not skip_errors:
-                raise
-            failed[str(slide)] = str(error)
-    return failed
-
-
 def check_positive(name: str, value: float | None) -> None:
     """A WsisegError unless `value` is None or a finite positive number."""
     if value is not None and not (math.isfinite(value) and value > 0):

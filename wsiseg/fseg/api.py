@@ -200,8 +200,9 @@ def fseg_slide(
     layer = DEFAULT_LAYER if layer is None else layer
     mpp = mpp or DEFAULT_MPP
     window = window or DEFAULT_WINDOW
+    engine_checked = {key: engine_options[key] for key in ("blend", "workers") if key in engine_options}
     check_run_options(overlap=overlap, batch_size=batch_size, mpp=mpp, slide_mpp=slide_mpp, window=window,
-                      tissue=tissue, **{key: engine_options[key] for key in ("mode", "blend", "workers") if key in engine_options})
+                      tissue=tissue, **engine_checked)
     check_weights(model, weights, random_weights)
     targets = [out] if len(paths) == 1 else [out / p.stem for p in paths]
     if len({t.name for t in targets}) != len(targets):
@@ -213,7 +214,7 @@ def fseg_slide(
 
         for view in opened:
             if not tissue_windows(view, window, mpp):
-                raise WsisegError(f"no tissue found in {view.path}: check the slide, or pass a tissue-rich slide")
+                raise WsisegError(f"no tissue found in {view.path}: check the slide, or pass --tissue all or a mask file")
         extractor = load_extractor(model, weights, layer, device)
         _check_window(extractor, window)
         if loaded is None:
