@@ -22,9 +22,11 @@ def check_file(path: str | Path | None, what: str, hint: str) -> None:
 
 def check_source(path: str | Path, slide_mpp: float | None = None) -> None:
     """The slide file or tile store at `path` opens and has a resolution (its metadata or `slide_mpp`)."""
+    path = Path(path)
+    if not path.exists():  # before the slide readers are even imported
+        raise WsisegError(f"no such slide file: {path}; check the path")
     from wsiseg.engine.run import is_tile_store
 
-    path = Path(path)
     if is_tile_store(path):
         from wsiseg.store.tiles import TileStore
 
@@ -56,7 +58,7 @@ def check_run_options(
     """The engine options of `run_slide`, checked without opening anything."""
     from wsiseg.engine.blend import BLEND_MODES
     from wsiseg.engine.run import MODES
-    from wsiseg.slide.tissue import check_tissue_option
+    from wsiseg.slide.mask import check_tissue_option
 
     if mode not in MODES:
         raise WsisegError(f"unknown mode {mode!r}: use {' or '.join(MODES)}")

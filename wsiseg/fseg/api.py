@@ -122,7 +122,7 @@ def fit_concepts(
     """
     from wsiseg.engine.preflight import check_positive, check_weights
     from wsiseg.outputs import check_writable
-    from wsiseg.slide.tissue import check_tissue_option
+    from wsiseg.slide.mask import check_tissue_option
 
     paths = _paths(slides)
     check_tissue_option(tissue)
@@ -176,7 +176,7 @@ def fseg_slide(
     untrained one, for tests). Everything a user can get wrong is checked before the model loads.
     Returns the engine's summaries.
     """
-    from wsiseg.engine.preflight import check_outputs, check_run_options, check_weights
+    from wsiseg.engine.preflight import check_outputs, check_run_options, check_source, check_weights
     from wsiseg.engine.run import DEFAULT_EXPORTS, run_slide
     from wsiseg.fseg.predictor import FsegPredictor
 
@@ -204,6 +204,8 @@ def fseg_slide(
     check_run_options(overlap=overlap, batch_size=batch_size, mpp=mpp, slide_mpp=slide_mpp, window=window,
                       tissue=tissue, **engine_checked)
     check_weights(model, weights, random_weights)
+    for path in paths:
+        check_source(path, slide_mpp)
     targets = [out] if len(paths) == 1 else [out / p.stem for p in paths]
     if len({t.name for t in targets}) != len(targets):
         raise WsisegError("several slides share a file name: run them into separate --out folders")
