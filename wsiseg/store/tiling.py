@@ -19,7 +19,9 @@ from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.slide.grid import Grid
 from wsiseg.slide.reader import Slide, open_slide
 from wsiseg.slide.tissue import TissueMask, load_mask, qc_picture, save_png, tissue_mask
-from wsiseg.store.tiles import IMAGE, QC_PICTURE, TileStore, create_store, mark_complete, write_tiles
+from wsiseg.store.tiles import (
+    IMAGE, LOG_SUFFIX, QC_SUFFIX, TileStore, create_store, mark_complete, sidecar, write_pyramid, write_tiles,
+)
 
 log = get_logger("tile")
 
@@ -156,7 +158,7 @@ def _new_store(partial: Path, slide: Slide, settings: dict[str, Any], tissue: Ti
     store = create_store(partial, settings, tissue)
     thumbnail = slide.thumbnail(QC_SIDE)
     picture = qc_picture(thumbnail, tissue, positions, settings["tile"], settings["width"])
-    save_png(partial / QC_PICTURE, picture)
+    save_png(sidecar(partial, QC_SUFFIX), picture)
     return store
 
 
@@ -238,9 +240,12 @@ def tile_slide(
         elapsed = time.perf_counter() - started
         log.info("%s: wrote %d tiles in %.1f s (%.1f tiles/s)", slide.path.name, len(missing), elapsed,
                  len(missing) / elapsed if elapsed > 0 else 0.0)
+        log.info("%s: pyramid of %d levels written", slide.path.name, write_pyramid(partial))
     mark_complete(partial)
     publish(partial, out)
-    Path(log_file).replace(out / "tile.log")
+    if sidecar(partial, QC_SUFFIX).exists():
+        sidecar(partial, QC_SUFFIX).replace(sidecar(out, QC_SUFFIX))
+    Path(log_file).replace(sidecar(out, LOG_SUFFIX))
     return TileStore.open(out)
 
 
