@@ -18,7 +18,7 @@ from wsiseg.outputs import check_writable, partial_path, publish, remove
 from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.slide.grid import Grid
 from wsiseg.slide.reader import Slide, open_slide
-from wsiseg.slide.tissue import TissueMask, load_mask, qc_picture, save_png, tissue_mask
+from wsiseg.slide.tissue import TissueMask, TissueSettings, check_tissue_option, qc_picture, resolve_tissue, save_png
 from wsiseg.store.tiles import (
     IMAGE, LOG_SUFFIX, QC_SUFFIX, TileStore, create_store, mark_complete, sidecar, write_pyramid, write_tiles,
 )
@@ -182,11 +182,14 @@ def tile_slide(
     tissue_options: dict[str, Any] | None = None,
     client: Any = None,
     progress: bool = True,
+    tissue: str | Path = "auto",
 ) -> TileStore:
     """Tile one slide's tissue at `mpp` into the zarr store `out` (resuming an interrupted run).
 
     `workers`: local dask worker processes (default min(4, CPUs); 0 = in this process);
     `scheduler`: address of an existing dask cluster instead; `client`: an open dask client to reuse.
+    `tissue`: auto (detect, with `tissue_options` as TissueSettings fields), all, or a mask file
+    (`tissue_mask_path` is the same as passing the file as `tissue`).
     """
     if tile < 16:
         raise WsisegError(f"--tile must be at least 16 pixels, got {tile}")
@@ -196,8 +199,10 @@ def tile_slide(
             return tile_slide(
                 opened, out, mpp, tile=tile, workers=workers, scheduler=scheduler, overwrite=overwrite,
                 tissue_mask_path=tissue_mask_path, tissue_options=tissue_options, client=client, progress=progress,
+                tissue=tissue,
             )
     out = Path(out)
+    tissue = check_tissue_option(tissue_mask_path if tissue_mask_path is not None else tissue)
     settings = _settings(slide, mpp, tile)
     if mpp < slide.mpp * (1 - 1e-6):
         log.warning(
@@ -212,11 +217,8 @@ def tile_slide(
     with log_to_file(partial.with_name(f".{out.name}.log")) as log_file:
         if store is None:
             log.info("%s: detecting tissue", slide.path.name)
-            if tissue_mask_path is not None:
-                tissue, source = load_mask(tissue_mask_path, slide), str(Path(tissue_mask_path).resolve())
-            else:
-                tissue, source = tissue_mask(slide, **(tissue_options or {})), "detected"
-            store = _new_store(partial, slide, settings, tissue, source)
+            mask, source = resolve_tissue(tissue, slide, TissueSettings(**(tissue_options or {})))
+            store = _new_store(partial, slide, settings, mask, source)
         else:
             log.info("%s: resuming the interrupted run in %s", slide.path.name, partial)
             store.remove_temporaries()
@@ -288,6 +290,7 @@ def tile_slides(
     tissue_mask_path: str | Path | None = None,
     tissue_options: dict[str, Any] | None = None,
     progress: bool = True,
+    tissue: str | Path = "auto",
 ) -> list[TileResult]:
     """Tile several slides, a store each, sharing one dask cluster; with `skip_errors`, go on past bad ones.
 
@@ -297,7 +300,8 @@ def tile_slides(
     paths = [Path(s) for s in slides]
     if not paths:
         raise WsisegError("no slides given: pass one or more slide files")
-    if tissue_mask_path is not None and len(paths) > 1:
+    tissue = check_tissue_option(tissue_mask_path if tissue_mask_path is not None else tissue)
+    if isinstance(tissue, Path) and len(paths) > 1:
         raise WsisegError("a tissue mask file applies to one slide: tile the slides one at a time")
     stores = store_paths(paths, Path(out))
     results: list[TileResult] = []
@@ -320,7 +324,7 @@ def tile_slides(
             started = time.perf_counter()
             try:
                 done = tile_slide(
-                    slide, store, mpp, tile=tile, overwrite=overwrite, tissue_mask_path=tissue_mask_path,
+                    slide, store, mpp, tile=tile, overwrite=overwrite, tissue=tissue,
                     tissue_options=tissue_options, client=client, workers=workers, progress=progress,
                 )
                 result.tiles = len(done.tissue_tiles())
