@@ -65,7 +65,8 @@ def check_backbone_weights(payload: dict[str, Any], effective: dict[str, Any], r
         )
     if weights is None and needs_weights(model["name"]) and not random_weights:
         raise WsisegError(
-            f"this checkpoint keeps only its decoder{' and adapter' if payload.get('backbone_state') == 'adapter' else ''}: "
+            f"this checkpoint keeps only its decoder{' and adapter' if payload.get('backbone_state') == 'adapter' else ''}"
+            ": "
             f"its {model['name']} backbone is rebuilt from the PFM weights; pass them with --weights "
             "(or --random-weights for an untrained backbone, for tests only)"
         )
@@ -237,10 +238,13 @@ def segment_slides(
     if not slides:
         raise WsisegError("no slides given: pass one or more slide files or tile stores")
     folders = slide_folders(slides, out)
+    if scheduler:  # paths are the workers' to open: only the options are checked here
+        from wsiseg.engine.preflight import check_run_options
+
+        check_run_options(**{key: options[key] for key in _RUN_OPTIONS if options.get(key) is not None})
+        return _segment_distributed(slides, folders, checkpoint, scheduler, skip_errors, options)
     failed = preflight(slides, checkpoint, folders, skip_errors, **options)
     results: list[dict[str, Any]] = []
-    if scheduler:
-        return _segment_distributed(slides, folders, checkpoint, scheduler, skip_errors, options)
     predictor = None
     for slide, folder in zip(slides, folders):
         if str(slide) in failed:
