@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -48,12 +49,88 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def fsync_tree(path: Path) -> None:
+    """Flush a file, or every file and folder under a folder, to the disk."""
+    path = Path(path)
+    if path.is_dir():
+        for root, _, files in os.walk(path):
+            for name in files:
+                fsync_tree(Path(root) / name)
+            _fsync_folder(Path(root))
+        return
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (renames into it) to the disk, where the system allows it."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the renames are still atomic
+    finally:
+        os.close(descriptor)
+
+
 def publish(partial: Path, final: Path) -> None:
-    """Move a finished partial output onto its final name, replacing what was there."""
+    """Move a finished partial output onto its final name (replacing what was there), durably."""
     final = Path(final)
+    fsync_tree(partial)
     if final.exists():
         remove(final)
     Path(partial).rename(final)
+    _fsync_folder(final.parent if str(final.parent) else Path("."))
+
+
+def write_durably(target: Path, text: str) -> None:
+    """Write `text` to `target` through a temporary sibling, flushed to the disk before the rename."""
+    with atomic_file(target) as temporary:
+        with open(temporary, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    _fsync_folder(Path(target).parent)
+
+
+JOURNAL_NAME = ".publish.json"
+
+
+def publish_together(folder: Path, moves: list[tuple[Path, Path]], marker: Path, marker_text: str) -> None:
+    """Make several partial outputs final together, the completion `marker` last.
+
+    A journal listing the renames is written first; a run killed midway leaves it, and
+    `finish_publish` (called by the rerun) completes the renames and writes the marker. So a
+    folder holds either the old outputs, or all the new ones with their marker.
+    """
+    folder = Path(folder)
+    for partial, _ in moves:
+        fsync_tree(partial)
+    write_durably(folder / JOURNAL_NAME, json.dumps({  # names inside `folder`: the rerun may run from elsewhere
+        "moves": [[Path(partial).name, Path(final).name] for partial, final in moves],
+        "marker": Path(marker).name, "marker_text": marker_text,
+    }))
+    finish_publish(folder)
+
+
+def finish_publish(folder: Path) -> bool:
+    """Complete a publish an interrupted run left in `folder` (see `publish_together`); whether one was found."""
+    folder = Path(folder)
+    journal = folder / JOURNAL_NAME
+    try:
+        plan = json.loads(journal.read_text())
+    except FileNotFoundError:
+        return False
+    for partial, final in plan["moves"]:
+        if (folder / partial).exists():
+            publish(folder / partial, folder / final)
+    write_durably(folder / plan["marker"], plan["marker_text"])
+    journal.unlink()
+    _fsync_folder(folder)
+    return True
 
 
 @contextmanager

@@ -192,9 +192,8 @@ def fseg_slide(
     from wsiseg.outputs import check_writable
 
     exports = engine_options.get("exports", DEFAULT_EXPORTS)
-    for target in targets:
-        for path in output_paths(target, exports).values():
-            check_writable(path, overwrite)
+    for target in targets:  # writable folders; existing outputs are judged by run_slide (finished: skipped)
+        check_writable(output_paths(target, exports)["summary"], overwrite=True)
     opened = _open(paths, mpp, slide_mpp)
     try:
         from wsiseg.fseg.sampling import tissue_windows
