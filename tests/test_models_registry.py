@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -49,6 +51,28 @@ def test_spec_matches_reference(name: str) -> None:
     assert (spec.embed_dim, spec.patch_size, spec.num_prefix_tokens, spec.input_multiple) == (dim, patch, prefix, patch)
     assert abs(spec.params / 1e6 - millions) / millions < 0.01, spec.params
     assert spec.kind == "vit"
+
+
+BUILDABLE = [n for n in registry.names() if not registry._REGISTRY[n].unsupported]
+
+
+@pytest.mark.parametrize("name", BUILDABLE)
+def test_declared_facts_equal_the_meta_build(name: str) -> None:
+    """What `wsiseg models` prints without building (the registry's declared facts) is what a build shows."""
+    assert registry.declared_spec(name) == registry.get_spec(name)
+
+
+def test_models_listing_imports_no_torch() -> None:
+    """`wsiseg models` reads declared facts only: neither torch nor timm is imported (it answers instantly)."""
+    code = ("import sys, io, contextlib; from wsiseg.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try: main(['models', '--json'])\n"
+            "    except SystemExit: pass\n"
+            "assert 'uni_v2' in out.getvalue(), out.getvalue()\n"
+            "print(sorted(m for m in ('torch', 'timm', 'peft') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_normalisations() -> None:

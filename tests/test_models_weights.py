@@ -180,3 +180,100 @@ def test_hf_layout_of_real_size_fits_registry_entry(name: str, tmp_path: Path) -
     target = registry.create(name, "meta")
     remapped = weights.remap_hf(state, target)
     weights.check_fit(remapped, target.state_dict(), "hf", name)
+
+
+def sharded_vit(folder: Path) -> tuple[torch.nn.Module, dict]:
+    """A tiny random ViTModel saved by transformers in shards of at most 200 kB, and the timm arguments to load it."""
+    _, timm_args = hf_cases()["ViTModel"]
+    torch.manual_seed(1)
+    hf = transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=64,
+        patch_size=16)).eval()
+    hf.save_pretrained(folder, max_shard_size="200KB")
+    return hf, {**timm_args, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2, "depth": 3}
+
+
+def test_sharded_safetensors_folder_index_and_shard_paths_load(tmp_path: Path) -> None:
+    hf, timm_args = sharded_vit(tmp_path / "hf")
+    shards = sorted((tmp_path / "hf").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = hf(pixel_values=x).last_hidden_state
+        for source in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors.index.json", shards[1]):
+            model = load_backbone_weights(TINY, source, **timm_args).eval()
+            torch.testing.assert_close(model.forward_features(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_pytorch_bin_folder_loads(tmp_path: Path) -> None:
+    """The same shards as torch pickles with a pytorch_model.bin.index.json, a folder transformers itself loads."""
+    import json
+
+    from safetensors.torch import load_file
+
+    hf, timm_args = sharded_vit(tmp_path / "hf")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    renamed = {name: name.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+               for name in set(index["weight_map"].values())}
+    for name, new in renamed.items():
+        torch.save(load_file(str(tmp_path / "hf" / name)), folder / new)
+    index["weight_map"] = {key: renamed[name] for key, name in index["weight_map"].items()}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = hf(pixel_values=x).last_hidden_state
+        reloaded = transformers.ViTModel.from_pretrained(folder).eval()
+        torch.testing.assert_close(reloaded(pixel_values=x).last_hidden_state, expected, atol=0, rtol=0)
+        model = load_backbone_weights(TINY, folder, **timm_args).eval()
+        torch.testing.assert_close(model.forward_features(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_incomplete_shard_sets_are_refused(tmp_path: Path) -> None:
+    _, timm_args = sharded_vit(tmp_path / "hf")
+    shards = sorted((tmp_path / "hf").glob("model-*-of-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(WsisegError, match=f"{shards[-1].name}.*download the missing shards"):
+        load_backbone_weights(TINY, tmp_path / "hf", **timm_args)
+    (tmp_path / "hf" / "model.safetensors.index.json").unlink()
+    with pytest.raises(WsisegError, match="not their index"):
+        load_backbone_weights(TINY, tmp_path / "hf", **timm_args)
+    with pytest.raises(WsisegError, match="one shard of .* no model.safetensors.index.json"):
+        load_backbone_weights(TINY, shards[0], **timm_args)
+
+
+def tiny_hf_pfms() -> dict:
+    """Tiny random models of each HF-format PFM's own class, and the registry overrides that shrink the entry alike."""
+    common = dict(num_hidden_layers=2, num_attention_heads=4, image_size=224)
+    t = transformers
+    return {
+        "phikon": (lambda: t.ViTModel(t.ViTConfig(hidden_size=64, intermediate_size=256, patch_size=16, **common),
+                                      add_pooling_layer=False), dict(embed_dim=64)),
+        "phikon_v2": (lambda: t.Dinov2Model(t.Dinov2Config(hidden_size=64, patch_size=16, **common)), dict(embed_dim=64)),
+        "midnight12k": (lambda: t.Dinov2Model(t.Dinov2Config(hidden_size=96, patch_size=14, use_swiglu_ffn=True,
+                                                             **common)), dict(embed_dim=96)),
+        "hibou_l": (lambda: t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(
+            hidden_size=64, patch_size=14, num_register_tokens=4, **common)), dict(embed_dim=64)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(tiny_hf_pfms()))
+def test_off_grid_tokens_equal_the_checkpoints_own_code(name: str, tmp_path: Path) -> None:
+    """Position grids resampled as the PFM's own Hugging Face class does (plain bicubic for ViTModel and
+    Dinov2Model, antialiased for Dinov2WithRegisters): tokens equal transformers' on and off the native grid."""
+    make, overrides = tiny_hf_pfms()[name]
+    torch.manual_seed(0)
+    hf = make().eval()
+    for parameter in hf.parameters():
+        parameter.data.normal_(0, 0.05)
+    hf.save_pretrained(tmp_path / name)
+    model = load_backbone_weights(name, tmp_path / name, depth=2, num_heads=4, **overrides).eval()
+    extra = {"interpolate_pos_encoding": True} if isinstance(hf, transformers.ViTModel) else {}
+    patch = model.patch_embed.patch_size[0]
+    for side in (224 // patch * patch, 448, 512 // patch * patch):  # 224, 448, 512 px to the patch multiple below
+        x = torch.randn(1, 3, side, side)
+        with torch.no_grad():
+            expected = hf(pixel_values=x, **extra).last_hidden_state
+            torch.testing.assert_close(model.forward_features(x), expected, atol=2e-5, rtol=1e-5, msg=f"{name} at {side}")

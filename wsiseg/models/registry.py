@@ -3,8 +3,9 @@
 Every builder returns a timm module built with `pretrained=False` (no network, ever). ViTs are
 built without a classifier head and with `dynamic_img_size=True`, so any input whose sides are a
 multiple of the patch size works; CNNs are built as timm feature extractors (`features_only`).
-Facts that can be read from the built module (embed dim, prefix tokens, parameter count) are
-read from a build on the meta device, never from a hand-written table.
+Each entry declares the facts `wsiseg models` prints (embed dim, patch, prefix tokens,
+parameter count), so listing the registry builds nothing; `get_spec` reads the same facts from a
+build on the meta device, and the tests hold the two equal for every entry.
 """
 
 from __future__ import annotations
@@ -34,10 +35,24 @@ DINOV2_HF_LAYOUT = "Hugging Face Dinov2Model directory (config.json + weights), 
 
 
 @dataclass(frozen=True)
+class Facts:
+    """What a build of an entry shows: embed dim, patch size (a CNN's deepest stride), prefix tokens,
+    trunk parameters, and for a CNN its stage channels and strides."""
+
+    embed_dim: int
+    patch_size: int
+    num_prefix_tokens: int
+    params: int
+    feature_dims: tuple[int, ...] = ()
+    feature_strides: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Entry:
-    """A registered builder and the facts that cannot be read from the module."""
+    """A registered builder, its declared facts, and the facts that cannot be read from the module."""
 
     name: str
+    facts: Facts | None
     builder: Callable[..., Any]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -89,6 +104,7 @@ _REGISTRY: dict[str, Entry] = {}
 
 def register(
     name: str,
+    facts: Facts | None,
     norm: tuple[tuple[float, float, float], tuple[float, float, float]],
     architecture: str,
     layout: str = TIMM_LAYOUT,
@@ -97,18 +113,47 @@ def register(
     """Decorator adding a builder to the registry under `name`."""
 
     def add(builder: Callable[..., Any]) -> Callable[..., Any]:
-        _REGISTRY[name] = Entry(name, builder, norm[0], norm[1], layout, architecture, **options)
+        _REGISTRY[name] = Entry(name, facts, builder, norm[0], norm[1], layout, architecture, **options)
         return builder
 
     return add
 
 
-def _vit(architecture: str, **kwargs: Any) -> Any:
-    """A timm ViT trunk: no classifier head, position embeddings interpolated for any input size."""
+def _vit(architecture: str, plain_bicubic: bool = False, **kwargs: Any) -> Any:
+    """A timm ViT trunk: no classifier head, position embeddings interpolated for any input size.
+
+    timm resamples the position grid with antialiased bicubic, as the timm-native checkpoints and
+    Hugging Face's Dinov2WithRegistersModel do; `plain_bicubic` resamples it without antialiasing, as
+    Hugging Face's ViTModel and Dinov2Model do, so off-grid tokens equal those of the checkpoint's own code.
+    """
+    import types
+
     import timm
 
     kwargs.setdefault("img_size", 224)
-    return timm.create_model(architecture, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+    model = timm.create_model(architecture, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+    if plain_bicubic:
+        model._pos_embed = types.MethodType(_plain_bicubic_pos_embed, model)
+    return model
+
+
+def _plain_bicubic_pos_embed(self: Any, x: Any) -> Any:
+    """Prefix tokens and position embeddings for NHWC patch tokens, the grid resampled by plain bicubic."""
+    import torch
+    from timm.layers import resample_abs_pos_embed
+
+    batch, height, width, dim = x.shape
+    prefix = [token.expand(batch, -1, -1) for token in (self.cls_token, self.reg_token) if token is not None]
+    positions = resample_abs_pos_embed(
+        self.pos_embed, new_size=(height, width), old_size=self.patch_embed.grid_size,
+        num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens, antialias=False,
+    )
+    x = x.reshape(batch, height * width, dim)
+    if self.no_embed_class:
+        x = torch.cat([*prefix, x + positions], dim=1)
+    else:
+        x = torch.cat([*prefix, x], dim=1) + positions
+    return self.pos_drop(x)
 
 
 def _swiglu() -> dict[str, Any]:
@@ -128,12 +173,12 @@ def _hf_layernorm() -> dict[str, Any]:
     return {"norm_layer": partial(nn.LayerNorm, eps=1e-12)}
 
 
-@register("uni_v1", IMAGENET, "ViT-L/16, LayerScale 1e-5")
+@register("uni_v1", Facts(1024, 16, 1, 303_350_784), IMAGENET, "ViT-L/16, LayerScale 1e-5")
 def uni_v1(**kw: Any) -> Any:
     return _vit("vit_large_patch16_224", init_values=1e-5, **kw)
 
 
-@register("uni_v2", IMAGENET, "ViT-H/14-like: 1536 wide, 24 deep, SwiGLU, 8 registers")
+@register("uni_v2", Facts(1536, 14, 9, 681_394_176), IMAGENET, "ViT-H/14-like: 1536 wide, 24 deep, SwiGLU, 8 registers")
 def uni_v2(**kw: Any) -> Any:
     return _vit(
         "vit_giant_patch14_224", depth=24, num_heads=24, embed_dim=1536, mlp_ratio=2.66667 * 2,
@@ -141,106 +186,107 @@ def uni_v2(**kw: Any) -> Any:
     )
 
 
-@register("conch_v1", CLIP, "ViT-B/16 at 448 (CONCH vision trunk)",
+@register("conch_v1", Facts(768, 16, 1, 86_250_240), CLIP, "ViT-B/16 at 448 (CONCH vision trunk)",
           TIMM_LAYOUT.replace("accepted", "accepted; the CONCH open_clip checkpoint's `visual.trunk.` part is used"))
 def conch_v1(**kw: Any) -> Any:
     return _vit("vit_base_patch16_224", **{"img_size": 448, **kw})
 
 
-@register("conch_v1_5", IMAGENET, "ViT-L/16 at 448, LayerScale 1e-6")
+@register("conch_v1_5", Facts(1024, 16, 1, 303_952_896), IMAGENET, "ViT-L/16 at 448, LayerScale 1e-6")
 def conch_v1_5(**kw: Any) -> Any:
     return _vit("vit_large_patch16_224", init_values=1e-6, **{"img_size": 448, **kw})
 
 
-@register("virchow_v1", IMAGENET, "ViT-H/14, SwiGLU (mlp 5.3375), LayerScale 1e-5")
+@register("virchow_v1", Facts(1280, 14, 1, 631_229_184), IMAGENET, "ViT-H/14, SwiGLU (mlp 5.3375), LayerScale 1e-5")
 def virchow_v1(**kw: Any) -> Any:
     return _vit("vit_huge_patch14_224", mlp_ratio=5.3375, init_values=1e-5, **_swiglu(), **kw)
 
 
-@register("virchow_v2", IMAGENET, "ViT-H/14, SwiGLU (mlp 5.3375), LayerScale 1e-5, 4 registers")
+@register("virchow_v2", Facts(1280, 14, 5, 631_239_424), IMAGENET,
+          "ViT-H/14, SwiGLU (mlp 5.3375), LayerScale 1e-5, 4 registers")
 def virchow_v2(**kw: Any) -> Any:
     return _vit("vit_huge_patch14_224", mlp_ratio=5.3375, init_values=1e-5, reg_tokens=4, **_swiglu(), **kw)
 
 
-@register("phikon", IMAGENET, "ViT-B/16", VIT_HF_LAYOUT)
+@register("phikon", Facts(768, 16, 1, 85_798_656), IMAGENET, "ViT-B/16", VIT_HF_LAYOUT)
 def phikon(**kw: Any) -> Any:
-    return _vit("vit_base_patch16_224", **_hf_layernorm(), **kw)
+    return _vit("vit_base_patch16_224", plain_bicubic=True, **_hf_layernorm(), **kw)
 
 
-@register("phikon_v2", IMAGENET, "ViT-L/16 DINOv2-style, LayerScale", DINOV2_HF_LAYOUT)
+@register("phikon_v2", Facts(1024, 16, 1, 303_350_784), IMAGENET, "ViT-L/16 DINOv2-style, LayerScale", DINOV2_HF_LAYOUT)
 def phikon_v2(**kw: Any) -> Any:
-    return _vit("vit_large_patch16_224", init_values=1e-5, **kw)
+    return _vit("vit_large_patch16_224", plain_bicubic=True, init_values=1e-5, **kw)
 
 
-@register("hoptimus_0", HOPTIMUS, "ViT-g/14 DINOv2, 4 registers")
+@register("hoptimus_0", Facts(1536, 14, 5, 1_134_774_272), HOPTIMUS, "ViT-g/14 DINOv2, 4 registers")
 def hoptimus_0(**kw: Any) -> Any:
     return _vit("vit_giant_patch14_reg4_dinov2", init_values=1e-5, **kw)
 
 
-@register("hoptimus_1", HOPTIMUS, "ViT-g/14 DINOv2, 4 registers")
+@register("hoptimus_1", Facts(1536, 14, 5, 1_134_774_272), HOPTIMUS, "ViT-g/14 DINOv2, 4 registers")
 def hoptimus_1(**kw: Any) -> Any:
     return _vit("vit_giant_patch14_reg4_dinov2", init_values=1e-5, **kw)
 
 
-@register("gigapath", IMAGENET, "ViT-g/16 DINOv2-style (40 deep, 1536 wide, SwiGLU)")
+@register("gigapath", Facts(1536, 16, 1, 1_134_953_984), IMAGENET, "ViT-g/16 DINOv2-style (40 deep, 1536 wide, SwiGLU)")
 def gigapath(**kw: Any) -> Any:
     return _vit("vit_giant_patch14_dinov2", patch_size=16, depth=40, num_heads=24, embed_dim=1536,
                 mlp_ratio=5.33334, init_values=1e-5, **kw)
 
 
-@register("midnight12k", HALF, "ViT-g/14 DINOv2", DINOV2_HF_LAYOUT)
+@register("midnight12k", Facts(1536, 14, 1, 1_134_769_664), HALF, "ViT-g/14 DINOv2", DINOV2_HF_LAYOUT)
 def midnight12k(**kw: Any) -> Any:
-    return _vit("vit_giant_patch14_dinov2", **kw)
+    return _vit("vit_giant_patch14_dinov2", plain_bicubic=True, **kw)
 
 
-@register("kaiko-vits8", HALF, "ViT-S/8")
+@register("kaiko-vits8", Facts(384, 8, 1, 21_670_272), HALF, "ViT-S/8")
 def kaiko_vits8(**kw: Any) -> Any:
     return _vit("vit_small_patch8_224", **kw)
 
 
-@register("kaiko-vits16", HALF, "ViT-S/16")
+@register("kaiko-vits16", Facts(384, 16, 1, 21_665_664), HALF, "ViT-S/16")
 def kaiko_vits16(**kw: Any) -> Any:
     return _vit("vit_small_patch16_224", **kw)
 
 
-@register("kaiko-vitb8", HALF, "ViT-B/8")
+@register("kaiko-vitb8", Facts(768, 8, 1, 85_807_872), HALF, "ViT-B/8")
 def kaiko_vitb8(**kw: Any) -> Any:
     return _vit("vit_base_patch8_224", **kw)
 
 
-@register("kaiko-vitb16", HALF, "ViT-B/16")
+@register("kaiko-vitb16", Facts(768, 16, 1, 85_798_656), HALF, "ViT-B/16")
 def kaiko_vitb16(**kw: Any) -> Any:
     return _vit("vit_base_patch16_224", **kw)
 
 
-@register("kaiko-vitl14", HALF, "ViT-L/14 DINOv2, 4 registers")
+@register("kaiko-vitl14", Facts(1024, 14, 5, 303_230_976), HALF, "ViT-L/14 DINOv2, 4 registers")
 def kaiko_vitl14(**kw: Any) -> Any:
     return _vit("vit_large_patch14_reg4_dinov2", **kw)
 
 
-@register("lunit_vits8", LUNIT, "ViT-S/8")
+@register("lunit_vits8", Facts(384, 8, 1, 21_670_272), LUNIT, "ViT-S/8")
 def lunit_vits8(**kw: Any) -> Any:
     return _vit("vit_small_patch8_224", **kw)
 
 
-@register("hibou_l", HIBOU, "ViT-L/14 DINOv2, 4 registers", DINOV2_HF_LAYOUT)
+@register("hibou_l", Facts(1024, 14, 5, 303_230_976), HIBOU, "ViT-L/14 DINOv2, 4 registers", DINOV2_HF_LAYOUT)
 def hibou_l(**kw: Any) -> Any:
     return _vit("vit_large_patch14_reg4_dinov2", **kw)
 
 
-@register("musk", HALF, "BEiT-3 multiway ViT-L/16 at 384", unsupported=(
+@register("musk", None, HALF, "BEiT-3 multiway ViT-L/16 at 384", unsupported=(
     "musk is a BEiT-3 multiway transformer that timm does not provide, and wsiseg does not build it "
     "yet; choose another model (for example uni_v1 or conch_v1_5)"))
 def musk(**kw: Any) -> Any:
     raise WsisegError(_REGISTRY["musk"].unsupported)
 
 
-@register("pathorchestra", IMAGENET, "ViT-L/16, LayerScale 1e-5")
+@register("pathorchestra", Facts(1024, 16, 1, 303_350_784), IMAGENET, "ViT-L/16, LayerScale 1e-5")
 def pathorchestra(**kw: Any) -> Any:
     return _vit("vit_large_patch16_224", init_values=1e-5, **kw)
 
 
-@register("patho3dmatrix-vision", IMAGENET, "ViT-L/16, LayerScale 1e-5",
+@register("patho3dmatrix-vision", Facts(1024, 16, 1, 303_350_784), IMAGENET, "ViT-L/16, LayerScale 1e-5",
           TIMM_LAYOUT.replace("accepted", "accepted; DINO `teacher` dict with `backbone.` prefix"))
 def patho3dmatrix_vision(**kw: Any) -> Any:
     return _vit("vit_large_patch16_224", init_values=1e-5, **kw)
@@ -253,7 +299,8 @@ def _efficientnet_weights() -> Path:
     return cached_sample("efficientnet_lite0_pth")
 
 
-@register("efficientnet_lite0_imagenet", HALF, "EfficientNet-Lite0 (timm tf_efficientnet_lite0), ImageNet",
+@register("efficientnet_lite0_imagenet", Facts(320, 32, 0, 2_958_848, (16, 24, 40, 112, 320), (2, 4, 8, 16, 32)),
+          HALF, "EfficientNet-Lite0 (timm tf_efficientnet_lite0), ImageNet",
           "EfficientNet-Lite0 ImageNet state dict (efficientnet-lite0-57934424.pth), remapped to timm",
           kind="cnn", default_weights=_efficientnet_weights, remap="in_order")
 def efficientnet_lite0_imagenet(classifier: bool = False, **kw: Any) -> Any:
@@ -287,7 +334,7 @@ def _timm_entry(name: str) -> Entry:
             return timm.create_model(architecture, pretrained=False, num_classes=0, dynamic_img_size=True, **kw)
         return timm.create_model(architecture, pretrained=False, features_only=not classifier, **kw)
 
-    return Entry(name, build, mean, std, TIMM_LAYOUT, f"timm {architecture}", kind="vit" if is_vit else "cnn")
+    return Entry(name, None, build, mean, std, TIMM_LAYOUT, f"timm {architecture}", kind="vit" if is_vit else "cnn")
 
 
 def entry(name: str) -> Entry:
@@ -343,9 +390,25 @@ def get_spec(name: str) -> BackboneSpec:
     )
 
 
+def declared_spec(name: str) -> BackboneSpec:
+    """The spec of a registry entry from its declared facts: no torch, no build (what `wsiseg models` shows)."""
+    found = entry(name)
+    facts = found.facts
+    if facts is None:
+        return get_spec(name)
+    vit = found.kind == "vit"
+    return BackboneSpec(
+        name=name, kind=found.kind, architecture=found.architecture, embed_dim=facts.embed_dim,
+        patch_size=facts.patch_size, num_prefix_tokens=facts.num_prefix_tokens, mean=found.mean, std=found.std,
+        input_multiple=facts.patch_size if vit else max(facts.feature_strides), checkpoint_layout=found.layout,
+        params=facts.params, feature_dims=(facts.embed_dim,) if vit else facts.feature_dims,
+        feature_strides=(facts.patch_size,) if vit else facts.feature_strides,
+    )
+
+
 def list_specs() -> list[BackboneSpec | Entry]:
-    """Specs of every registry entry; entries that cannot be built (musk) are returned as Entry."""
-    return [_REGISTRY[n] if _REGISTRY[n].unsupported else get_spec(n) for n in _REGISTRY]
+    """Declared specs of every registry entry; entries that cannot be built (musk) are returned as Entry."""
+    return [_REGISTRY[n] if _REGISTRY[n].unsupported else declared_spec(n) for n in _REGISTRY]
 
 
 def build_backbone(name: str, weights_path: str | Path | None = None, device: str = "meta", **kwargs: Any) -> Any:

@@ -21,31 +21,77 @@ WRAPPERS = ("teacher", "model", "state_dict")
 PREFIXES = ("module.", "_orig_mod.")
 TRUNKS = ("backbone.", "visual.trunk.")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+SHARD = re.compile(r".+-\d{5}-of-(\d{5})\.(safetensors|bin)$")
 
 
 def resolve_weights_file(path: Path) -> Path:
-    """The weights file for `path`: the file itself, or the weights inside a Hugging Face model folder."""
+    """The weights of `path`: the file itself, or the weights (or shard index) inside a Hugging Face model folder.
+
+    One shard of a sharded checkpoint (`model-00001-of-00003.safetensors`) stands for the whole
+    checkpoint: its index next to it is returned.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise WsisegError(f"weights not found: {path}; set model.pfm_weights_path to a local .bin/.pth/.safetensors file or model folder")
     if path.is_file():
-        return path
-    for name in WEIGHT_FILES:
+        shard = SHARD.match(path.name)
+        if shard is None:
+            return path
+        index = next((path.parent / n for n in INDEX_FILES if (path.parent / n).is_file()), None)
+        if index is None:
+            raise WsisegError(f"{path.name} is one shard of {int(shard[1])} and no {' or '.join(INDEX_FILES)} lies beside it; "
+                              "put the index file (it comes with the shards) in the folder and point pfm_weights_path at the folder")
+        log.info("%s is one shard of %d: loading every shard through %s", path.name, int(shard[1]), index.name)
+        return index
+    for name in WEIGHT_FILES + INDEX_FILES:
         if (path / name).is_file():
             return path / name
     candidates = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise WsisegError(f"no weights file (model.safetensors, pytorch_model.bin, *.pth) in folder {path}; point pfm_weights_path at the weights file")
+        raise WsisegError(f"no weights file (model.safetensors, pytorch_model.bin, *.pth, or a shard index) in folder {path}; "
+                          "point pfm_weights_path at the weights file")
+    if all(SHARD.match(p.name) for p in candidates):
+        raise WsisegError(f"{path} holds the shards {candidates[0].name}... but not their index ({' or '.join(INDEX_FILES)}); "
+                          "copy the index file that came with the shards into the folder")
     raise WsisegError(f"several weights files in {path} ({', '.join(p.name for p in candidates)}); point pfm_weights_path at one of them")
 
 
+def read_sharded(index: Path) -> dict[str, Any]:
+    """Read every shard named by a Hugging Face shard index (`weight_map`: tensor name -> shard file) into one dict."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise WsisegError(f"{index} is not a shard index ({type(error).__name__}: {error}); "
+                          "it should hold a weight_map from tensor names to shard files: download it again") from None
+    missing = [name for name in shards if not (index.parent / name).is_file()]
+    if missing:
+        raise WsisegError(f"{index.name} names {len(shards)} shards but {len(missing)} are not in {index.parent} "
+                          f"({', '.join(missing[:3])}); download the missing shards")
+    state: dict[str, Any] = {}
+    for name in shards:
+        part = read_state_dict(index.parent / name)
+        expected = {key for key, shard in weight_map.items() if shard == name}
+        if not expected <= set(part):
+            absent = sorted(expected - set(part))
+            raise WsisegError(f"shard {name} lacks {len(absent)} tensors its index names ({', '.join(absent[:3])}); "
+                              "the shard is incomplete: download it again")
+        state.update(part)
+    return state
+
+
 def read_state_dict(path: Path) -> dict[str, Any]:
-    """Read a .safetensors or torch-pickled file into a dict (tensors only are trusted)."""
+    """Read a .safetensors or torch-pickled file, or a shard index, into a dict (tensors only are trusted)."""
     import torch
 
+    if path.name.endswith(".index.json"):
+        return read_sharded(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
