@@ -21,10 +21,10 @@ log = get_logger("lock")
 LOCK_NAME = ".wsiseg.lock"
 
 
-def lock_path(out: Path) -> Path:
-    """The lock of an output: inside it when it is a folder of outputs, beside it when it is a store (.zarr)."""
+def lock_path(out: Path, inside: bool = True) -> Path:
+    """The lock of an output: inside a folder of outputs, beside a store (.zarr) or where asked (`inside`)."""
     out = Path(out)
-    return out.with_name(f".{out.name}.lock") if out.suffix == ".zarr" else out / LOCK_NAME
+    return out.with_name(f".{out.name}.lock") if out.suffix == ".zarr" or not inside else out / LOCK_NAME
 
 
 def _alive(pid: int) -> bool:
@@ -64,9 +64,9 @@ def _try_create(path: Path, content: str) -> bool:
     return True
 
 
-def acquire(out: Path, command: str) -> Path:
+def acquire(out: Path, command: str, inside: bool = True) -> Path:
     """Take the lock of `out` for this process; refuse in one line when a live run holds it."""
-    path = lock_path(out)
+    path = lock_path(out, inside)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -98,9 +98,9 @@ def acquire(out: Path, command: str) -> Path:
     raise WsisegError(f"cannot take the lock {path}: other runs keep taking it; choose another --out")
 
 
-def release(path: Path) -> None:
-    """Remove the lock file if this process still holds it."""
-    holder = _holder(path)
+def release(path: Path | None) -> None:
+    """Remove the lock file (as `acquire` returned it) if this process still holds it."""
+    holder = _holder(path) if path is not None else None
     if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         try:
             path.unlink()
@@ -110,9 +110,9 @@ def release(path: Path) -> None:
 
 
 @contextmanager
-def output_lock(out: Path | str, command: str) -> Iterator[Path]:
+def output_lock(out: Path | str, command: str, inside: bool = True) -> Iterator[Path]:
     """Hold the lock of output `out` for the block (see `acquire`)."""
-    path = acquire(Path(out), command)
+    path = acquire(Path(out), command, inside)
     try:
         yield path
     finally:
