@@ -130,6 +130,8 @@ def test_shipped_configs_are_valid(samples: dict[str, Path]) -> None:
     for path in sorted(folder.glob("*.yaml")):
         config = load_config(path, check_files=False)
         assert config["model"]["name"], path
+    reference = load_config(folder / "reference" / "lunit_vits8.yaml")
+    assert reference["model"]["lora_alpha"] == 4.0 and reference["validation"]["mode"] == "resize"
     demo = load_config(folder / "demo.yaml")
     assert Path(demo["dataset"]["json"]).is_file()
     assert demo["dataset"]["num_classes"] == 4

@@ -34,6 +34,9 @@ def test_readme_shows_every_command():
 def test_readme_command_uses_known_options(args):
     command = cli.get_command(click.Context(cli), args[0])
     assert command is not None, f"unknown command {args[0]}"
+    if isinstance(command, click.Group) and len(args) > 1:
+        command = command.get_command(click.Context(command), args[1])
+        assert command is not None, f"unknown command {args[0]} {args[1]}"
     known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)} | {"--help", "-h"}
     used = {token.split("=")[0] for token in args[1:] if token.startswith("-")}
     assert used <= known, f"wsiseg {args[0]}: unknown options {sorted(used - known)}"

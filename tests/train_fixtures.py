@@ -72,3 +72,43 @@ def train_tiny(root: Path, samples: dict[str, Path], epochs: int = 1, **sections
     summary["config"] = config
     summary["json"] = json_path
     return summary
+
+
+def make_reference_dataset(root: Path, samples: dict[str, Path], size: int = 64) -> Path:
+    """The tiny data set in the reference layout `{"num_classes", "data": {...}}`, with a second test
+    item that has no mask_path (it must be predicted and left out of the metrics)."""
+    flat = make_dataset(root, samples, size=size, counts=(3, 2, 2))
+    document = json.loads(flat.read_text())
+    del document["test"][1]["mask_path"]
+    path = root / "reference.json"
+    path.write_text(json.dumps({"num_classes": 4, "data": document}))
+    return path
+
+
+def random_lunit_weights(path: Path) -> Path:
+    """A random-weights state dict of lunit_vits8's architecture, written by timm (as users' files are)."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0).state_dict(), path)
+    return path
+
+
+def reference_config(json_path: Path, weights: Path, log_dir: Path, size: int = 64) -> dict[str, Any]:
+    """The reference's example config (its own keys and layout), scaled down to a CPU test."""
+    return {
+        "dataset": {"json_file": str(json_path), "num_classes": 4, "ignore_index": 255},
+        "system": {"num_workers": 0, "pin_memory": False, "seed": 42, "device": "cpu"},
+        "model": {"pfm_name": "lunit_vits8", "emb_dim": 384, "pfm_weights_path": str(weights),
+                  "finetune_mode": {"type": "lora", "rank": 4, "alpha": 1.0}, "num_classes": 4},
+        "training": {"batch_size": 2, "epochs": 1, "learning_rate": 0.001, "weight_decay": 0.0001,
+                     "use_amp": True, "accumulate_grad_batches": 1, "clip_grad_norm": 5.0,
+                     "augmentation": {"RandomResizedCropSize": size},
+                     "optimizer": {"type": "SGD", "momentum": 0.9, "nesterov": True},
+                     "scheduler": {"type": "cosine", "warmup_epochs": 1},
+                     "loss": {"type": "dice"}},
+        "validation": {"eval_interval": 1, "batch_size": 4, "augmentation": {"ResizedSize": size}},
+        "logging": {"log_dir": str(log_dir), "experiment_name": "pfm_segmentation"},
+        "visualization": {"save_interval": 1, "num_vis_samples": 1},
+    }

@@ -6,19 +6,25 @@ with a "did you mean", wrong types, class counts that disagree, crop sizes the b
 take, missing files). Relative input paths are resolved against the config file's folder
 (falling back to the current folder); `logging.output_dir` is relative to the current folder.
 `dataset.json: sample:hgsc_nest` selects the built-in labelled demo data set.
+
+A file in the reference project's dialect (`model.pfm_name`, `training.learning_rate`,
+`finetune_mode: {type, rank, alpha}`, ...) is first read onto the native keys by
+`wsiseg.config_reference.normalise` (its table says what each reference key becomes); the
+validator below is the same for both. `read_config` also returns what those keys were read as.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from wsiseg.errors import WsisegError
 from wsiseg.metrics import SUMMARY_METRICS
+from wsiseg.train.dataset_json import read_dataset_json, resolve_path
 
 DEMO_DATASET = "sample:hgsc_nest"
 REQUIRED = object()
@@ -64,6 +70,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": _k(42, int, minimum=0),
         "precision": _k("auto", str, choices=("auto", "bf16", "fp16", "fp32")),
         "deterministic": _k(False, bool),
+        "pin_memory": _k(None, bool, help="pin host memory of the training loader; null = on CUDA only"),
     },
     "model": {
         "name": _k(REQUIRED, str),
@@ -86,7 +93,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "lr": _k(1e-4, float, minimum=0),
         "backbone_lr": _k(None, float, minimum=0, help="learning rate of the backbone; null = lr"),
         "weight_decay": _k(0.01, float, int, minimum=0),
-        "momentum": _k(0.9, float, **PROB),
+        "momentum": _k(0.9, float, int, **PROB),
+        "nesterov": _k(True, bool, help="Nesterov momentum (SGD)"),
         "scheduler": _k("cosine", str, choices=("cosine", "step", "poly", "none")),
         "warmup_epochs": _k(1.0, float, int, minimum=0),
         "min_lr_ratio": _k(0.01, float, int, **PROB),
@@ -115,6 +123,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "visualization": {
         "num_samples": _k(4, int, minimum=0),
+        "every": _k(1, int, minimum=1, help="save sample panels at every Nth epoch (of those validated)"),
         "alpha": _k(0.5, float, **PROB),
     },
 }
@@ -126,6 +135,12 @@ LOSS_OPTIONS: dict[str, Key] = {
     "class_weights": _k(None, list),
     "smooth": _k(1.0, float, int, minimum=0),
 }
+
+
+def defaults(section: str) -> dict[str, Any]:
+    """The default of every key of a section that has one (the one place defaults live)."""
+    table = LOSS_OPTIONS if section == "training.loss" else SCHEMA[section]
+    return {key: copy.deepcopy(spec.default) for key, spec in table.items() if spec.default is not REQUIRED}
 
 
 @dataclass
@@ -175,32 +190,29 @@ def _check_value(where: str, key: Key, value: Any, problems: _Problems) -> Any:
     return value
 
 
-def _resolve_path(value: str, base_dir: Path) -> Path:
-    """A relative path against the config's folder, or the current folder when only it exists there."""
-    path = Path(value).expanduser()
-    if path.is_absolute():
-        return path
-    beside = (base_dir / path).resolve()
-    if beside.exists() or not path.exists():
-        return beside
-    return path.resolve()
+def _fill_section(name: str, given: Any, problems: _Problems, aliases: dict[str, str]) -> dict[str, Any]:
+    """One section with defaults filled; `aliases` names native keys after the reference keys they came from."""
+    from wsiseg.config_reference import reference_keys
 
-
-def _fill_section(name: str, given: Any, problems: _Problems) -> dict[str, Any]:
     schema = SCHEMA[name]
     if given is None:
         given = {}
     if not isinstance(given, dict):
         problems.add(f"section '{name}' must be a mapping of keys, got {given!r}")
         given = {}
+    reference = reference_keys()
     out: dict[str, Any] = {}
     for key, value in given.items():
         if key not in schema:
             home = [section for section, keys in SCHEMA.items() if key in keys and section != name]
-            hint = f" (it belongs in section '{home[0]}')" if home else _suggest(key, tuple(schema))
+            home += [section for section, keys in reference.items() if key in keys and section != name]
+            known = (*schema, *reference.get(name, ()))
+            hint = f" (it belongs in section '{home[0]}')" if home else _suggest(key, known)
             problems.add(f"unknown key '{name}.{key}'{hint}")
             continue
-        out[key] = _check_value(f"{name}.{key}", schema[key], value, problems)
+        path = f"{name}.{key}"
+        where = f"{aliases[path]} (read as {path})" if path in aliases else path
+        out[key] = _check_value(where, schema[key], value, problems)
     for key, spec in schema.items():
         if key in out:
             continue
@@ -249,42 +261,14 @@ def _check_augmentations(augmentations: Any, problems: _Problems) -> dict[str, f
     return out
 
 
-def _read_dataset_json(path: Path, problems: _Problems) -> dict[str, Any] | None:
-    if not path.is_file():
-        problems.add(f"dataset.json {path} does not exist; point it at the dataset JSON "
-                     "(train/val/test lists of image_path/mask_path)")
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        problems.add(f"dataset.json {path} is not valid JSON ({error})")
-        return None
-    if not isinstance(data, dict):
-        problems.add(f"dataset.json {path} must hold an object with train/val/test lists")
-        return None
-    return data
-
-
-def dataset_entries(data: dict[str, Any], split: str, json_path: Path) -> list[dict[str, Path | None]]:
-    """The (image, mask) paths of one split of a reference dataset JSON, resolved against its folder."""
-    entries = data.get(split) or []
-    if not isinstance(entries, list):
-        raise WsisegError(f"split '{split}' of {json_path} must be a list of {{image_path, mask_path}} objects")
-    out = []
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "image_path" not in entry:
-            raise WsisegError(f"entry {index} of split '{split}' in {json_path} needs an 'image_path' (and 'mask_path')")
-        mask = entry.get("mask_path")
-        out.append({
-            "image": _resolve_path(str(entry["image_path"]), json_path.parent),
-            "mask": _resolve_path(str(mask), json_path.parent) if mask else None,
-        })
-    return out
-
-
 def _check_dataset(config: dict[str, Any], json_path: Path | None, splits: tuple[str, ...], problems: _Problems) -> None:
     dataset = config["dataset"]
-    data = _read_dataset_json(json_path, problems) if json_path is not None else None
+    index = None
+    if json_path is not None:
+        try:
+            index = read_dataset_json(json_path)
+        except WsisegError as error:
+            problems.add(str(error))
     names = dataset.get("class_names")
     if names is not None and not all(isinstance(n, str) for n in names):
         problems.add("dataset.class_names must be a list of strings")
@@ -295,14 +279,13 @@ def _check_dataset(config: dict[str, Any], json_path: Path | None, splits: tuple
         counts["dataset.class_names"] = len(names)
     if isinstance(config["model"].get("num_classes"), int):
         counts["model.num_classes"] = config["model"]["num_classes"]
-    if data is not None:
-        if isinstance(data.get("num_classes"), int):
-            counts[f"num_classes in {json_path.name}"] = data["num_classes"]
-        for key in ("class_names", "classes"):
-            if isinstance(data.get(key), list):
-                counts[f"{key} in {json_path.name}"] = len(data[key])
-                if names is None:
-                    names = dataset["class_names"] = [str(n) for n in data[key]]
+    if index is not None:
+        if index.num_classes is not None:
+            counts[f"num_classes in {index.path.name}"] = index.num_classes
+        if index.class_names is not None:
+            counts[f"class_names in {index.path.name}"] = len(index.class_names)
+            if names is None:
+                names = dataset["class_names"] = list(index.class_names)
     if len(set(counts.values())) > 1:
         problems.add("the number of classes disagrees: " + ", ".join(f"{k} = {v}" for k, v in counts.items())
                      + "; make them equal")
@@ -315,27 +298,23 @@ def _check_dataset(config: dict[str, Any], json_path: Path | None, splits: tuple
         dataset["class_names"] = ["background" if i == 0 else f"class_{i}" for i in range(num_classes)]
     if isinstance(num_classes, int) and 0 <= dataset["ignore_index"] < num_classes:
         problems.add(f"dataset.ignore_index {dataset['ignore_index']} is a real class (0..{num_classes - 1}); use 255")
-    if data is None:
+    if index is None:
         return
     for split in splits:
-        try:
-            entries = dataset_entries(data, split, json_path)
-        except WsisegError as error:
-            problems.add(str(error))
-            continue
+        entries = index.entries(split)
         if not entries:
-            problems.add(f"split '{split}' of {json_path} is empty; add image_path/mask_path entries")
+            problems.add(f"split '{split}' of {index.path} is empty; add image_path/mask_path entries")
             continue
         missing = [str(e[k]) for e in entries for k in ("image", "mask") if e[k] is not None and not e[k].is_file()]
         no_mask = sum(e["mask"] is None for e in entries)
         if no_mask and split in ("train", "val"):
-            problems.add(f"{no_mask} entries of split '{split}' in {json_path} have no mask_path")
+            problems.add(f"{no_mask} entries of split '{split}' in {index.path} have no mask_path")
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             problems.add(f"{len(missing)} files of split '{split}' are missing: {', '.join(missing[:3])}{more}")
 
 
-def _check_model(config: dict[str, Any], problems: _Problems) -> None:
+def _check_model(config: dict[str, Any], problems: _Problems, aliases: dict[str, str]) -> None:
     model = config["model"]
     name = model.get("name")
     if not isinstance(name, str):
@@ -347,29 +326,53 @@ def _check_model(config: dict[str, Any], problems: _Problems) -> None:
     except WsisegError as error:
         problems.add(str(error))
         return
+    emb_dim = model.get("emb_dim")
+    if isinstance(emb_dim, int) and emb_dim != spec.embed_dim:
+        problems.add(f"model.emb_dim is {emb_dim} but {name} has embed dim {spec.embed_dim} (read from the model); "
+                     f"set it to {spec.embed_dim} or remove it")
     multiple = int(getattr(spec, "input_multiple", 1) or 1)
     sizes = {"model.input_size": model.get("input_size"), "training.crop_size": config["training"].get("crop_size")}
     for where, size in sizes.items():
         if isinstance(size, int) and size % multiple:
             lower = max(multiple, size // multiple * multiple)
-            problems.add(f"{where} {size} is not a multiple of {multiple} (the input multiple of {name}); "
+            shown = f"{aliases[where]} (read as {where})" if where in aliases else where
+            problems.add(f"{shown} {size} is not a multiple of {multiple} (the input multiple of {name}); "
                          f"use {lower} or {lower + multiple}")
 
 
-def validate_config(raw: Any, base_dir: Path | str = ".", source: str = "config",
-                    splits: tuple[str, ...] = ("train", "val"), check_files: bool = True) -> dict[str, Any]:
-    """Fill defaults and check a config mapping; raises one WsisegError listing every problem."""
+def _check_training(training: dict[str, Any], problems: _Problems) -> None:
+    if training.get("optimizer") == "sgd" and training.get("nesterov") and not training.get("momentum"):
+        problems.add("training.nesterov needs training.momentum > 0 with SGD; set a momentum (e.g. 0.9) or "
+                     "nesterov: false")
+
+
+class ReadConfig(NamedTuple):
+    """A completed config and what each reference-dialect key of the file was read as."""
+
+    config: dict[str, Any]
+    reference_keys: list[str]
+
+
+def check_config(raw: Any, base_dir: Path | str = ".", source: str = "config",
+                 splits: tuple[str, ...] = ("train", "val"), check_files: bool = True) -> ReadConfig:
+    """Normalise the reference dialect, fill defaults and check a config mapping (one WsisegError for all problems)."""
+    from wsiseg.config_reference import normalise
+
     base_dir = Path(base_dir)
     problems = _Problems()
     if not isinstance(raw, dict):
         raise WsisegError(f"{source} must be a YAML mapping with sections {', '.join(SCHEMA)}")
+    normalised = normalise(raw)
+    problems.items.extend(normalised.problems)
+    raw, aliases = normalised.raw, normalised.aliases
     for section in raw:
         if section not in SCHEMA:
             problems.add(f"unknown section '{section}'{_suggest(section, tuple(SCHEMA))}")
-    config = {name: _fill_section(name, raw.get(name), problems) for name in SCHEMA}
+    config = {name: _fill_section(name, raw.get(name), problems, aliases) for name in SCHEMA}
     training = config["training"]
     training["loss"] = _check_loss(training.get("loss"), problems)
     training["augmentations"] = _check_augmentations(training.get("augmentations"), problems)
+    _check_training(training, problems)
     if training.get("crop_size") is None and isinstance(config["model"].get("input_size"), int):
         training["crop_size"] = config["model"]["input_size"]
     json_path = None
@@ -380,27 +383,60 @@ def validate_config(raw: Any, base_dir: Path | str = ".", source: str = "config"
 
             json_path = demo_dataset_json()
         else:
-            json_path = _resolve_path(json_value, base_dir)
+            json_path = resolve_path(json_value, base_dir)
         config["dataset"]["json"] = str(json_path)
     weights = config["model"].get("pfm_weights_path")
     if isinstance(weights, str):
-        weights_path = _resolve_path(weights, base_dir)
+        weights_path = resolve_path(weights, base_dir)
         config["model"]["pfm_weights_path"] = str(weights_path)
         if check_files and not weights_path.exists():
             problems.add(f"model.pfm_weights_path {weights_path} does not exist; download the weights and point "
                          "to the local file, or set it to null")
     _check_dataset(config, json_path if check_files else None, splits if check_files else (), problems)
-    _check_model(config, problems)
+    _check_model(config, problems, aliases)
     if problems.items:
         count = len(problems.items)
         listed = "; ".join(f"({i}) {p}" for i, p in enumerate(problems.items, 1))
         raise WsisegError(f"{source} has {count} problem{'s' if count > 1 else ''}: {listed}")
-    return config
+    return ReadConfig(config, normalised.notes)
 
 
-def load_config(path: Path | str, splits: tuple[str, ...] = ("train", "val"), check_files: bool = True,
-                overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Read, complete and check a YAML config file (see the module docstring)."""
+def validate_config(raw: Any, base_dir: Path | str = ".", source: str = "config",
+                    splits: tuple[str, ...] = ("train", "val"), check_files: bool = True) -> dict[str, Any]:
+    """Fill defaults and check a config mapping of either dialect; raises one WsisegError listing every problem."""
+    return check_config(raw, base_dir, source, splits, check_files).config
+
+
+def apply_options(raw: dict[str, Any], options: Sequence[str]) -> dict[str, Any]:
+    """`key.path=value` overrides (the value parsed as YAML) applied to a raw config mapping, in order."""
+    import yaml
+
+    from wsiseg.config_reference import drop_counterparts
+
+    for option in options:
+        path, sep, text = option.partition("=")
+        parts = path.strip().split(".")
+        if not sep or not all(parts):
+            raise WsisegError(f"--options {option!r} is not key.path=value (e.g. training.learning_rate=0.01)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            reason = str(error).replace("\n", " ")
+            raise WsisegError(f"--options {option!r}: the value is not valid YAML ({reason})") from None
+        mapping = raw
+        for part in parts[:-1]:
+            if not isinstance(mapping.get(part), dict):
+                if part in mapping:
+                    raise WsisegError(f"--options {option!r}: {part} is {mapping[part]!r}, not a section of keys")
+                mapping[part] = {}
+            mapping = mapping[part]
+        mapping[parts[-1]] = value
+        drop_counterparts(raw, ".".join(parts))
+    return raw
+
+
+def read_yaml(path: Path | str) -> dict[str, Any]:
+    """The raw mapping of a YAML config file (WsisegError when it is missing or not YAML)."""
     import yaml
 
     path = Path(path)
@@ -412,12 +448,23 @@ def load_config(path: Path | str, splits: tuple[str, ...] = ("train", "val"), ch
         reason = str(error).replace("\n", " ")
         raise WsisegError(f"config file {path} is not valid YAML: {reason}") from None
     raw = raw or {}
-    for section, values in (overrides or {}).items():
-        if isinstance(raw, dict):
-            raw.setdefault(section, {})
-            if isinstance(raw[section], dict):
-                raw[section].update({k: v for k, v in values.items() if v is not None})
-    return validate_config(raw, path.resolve().parent, f"config {path}", splits, check_files)
+    if not isinstance(raw, dict):
+        raise WsisegError(f"config {path} must be a YAML mapping with sections {', '.join(SCHEMA)}")
+    return raw
+
+
+def read_config(path: Path | str, splits: tuple[str, ...] = ("train", "val"), check_files: bool = True,
+                options: Sequence[str] = ()) -> ReadConfig:
+    """Read, complete and check a YAML config file of either dialect, with `--options` overrides."""
+    path = Path(path)
+    raw = apply_options(read_yaml(path), options)
+    return check_config(raw, path.resolve().parent, f"config {path}", splits, check_files)
+
+
+def load_config(path: Path | str, splits: tuple[str, ...] = ("train", "val"), check_files: bool = True,
+                options: Sequence[str] = ()) -> dict[str, Any]:
+    """Read, complete and check a YAML config file (see the module docstring)."""
+    return read_config(path, splits, check_files, options).config
 
 
 def dump_config(config: dict[str, Any], path: Path | str) -> None:

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "fseg-fit": ("fseg", "fseg_fit_command", "Fit F-Seg concept banks (k-means of token features, several k at once)."),
     "train": ("train", "train_command", "Train a segmenter from a YAML config (reference JSON dataset)."),
     "infer": ("train", "infer_command", "Segment the images of a dataset JSON with a trained checkpoint."),
+    "config": ("config", "config_command", "Config tools: `config migrate` writes the native form of a reference config."),
     "info": ("slides", "info_command", "Show a slide's format, levels, MPP and associated images."),
     "tile": ("slides", "tile_command", "Tissue-mask slides and tile them into zarr stores."),
     "segment": ("segment", "segment_command", "Segment whole slides with a trained checkpoint (mask.zarr, TIFF, overlay)."),

@@ -8,18 +8,35 @@ import click
 
 
 @click.command("train")
-@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("arguments", nargs=-1, metavar="[CONFIG]")
+@click.option("--config", "config_option", type=click.Path(path_type=Path), default=None,
+              help="The YAML config (native or the reference dialect); the same as the CONFIG argument.")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
               help="Continue a run from its checkpoints/last.pth (weights, optimiser, schedule, epoch, RNG).")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (overrides system.device).")
+@click.option("--options", "options", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override any config key, the value read as YAML (e.g. --options training.epochs=5 "
+                   "model.finetune_mode.rank=8); several may follow one --options.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in logging.output_dir.")
-def train_command(config: Path, resume: Path | None, device: str | None, overwrite: bool) -> None:
+def train_command(arguments: tuple[str, ...], config_option: Path | None,
+                  resume: Path | None, device: str | None, options: tuple[str, ...], overwrite: bool) -> None:
     """Train a segmenter from a YAML config (see configs/; configs/demo.yaml runs on a CPU)."""
+    from wsiseg.errors import WsisegError
     from wsiseg.progress import setup_console_logging
     from wsiseg.train.trainer import train_model
 
+    overrides = [value for value in arguments if "=" in value]
+    paths = [Path(value) for value in arguments if "=" not in value]
+    if overrides and not options:
+        raise WsisegError(f"{overrides[0]!r} looks like an override: put --options before it")
+    if config_option is not None:
+        paths.insert(0, config_option)
+    if len(paths) != 1:
+        raise WsisegError("give one config: wsiseg train CONFIG or wsiseg train --config CONFIG"
+                          + (f" (got {', '.join(map(str, paths))})" if paths else ""))
     setup_console_logging()
-    summary = train_model(config, resume=resume, device=device, overwrite=overwrite)
+    summary = train_model(paths[0], resume=resume, device=device, overwrite=overwrite,
+                          options=[*options, *overrides])
     best = summary["best"]
     shown = f"{best:.4f}" if best is not None else "n/a"
     click.echo(f"best {summary['metric']} {shown} at epoch {summary['best_epoch']}; "
@@ -29,7 +46,8 @@ def train_command(config: Path, resume: Path | None, device: str | None, overwri
 @click.command("infer")
 @click.option("--config", type=click.Path(path_type=Path), default=None,
               help="The training YAML (optional: the checkpoint stores its config).")
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="A checkpoint from `wsiseg train`.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
+              help="A checkpoint from `wsiseg train` (or a run or checkpoints folder holding best_model.pth).")
 @click.option("--input_json", "--input-json", "input_json", type=click.Path(path_type=Path), required=True,
               help="Dataset JSON; the images of --split are segmented (masks optional).")
 @click.option("--output_dir", "--output-dir", "output_dir", type=click.Path(path_type=Path), required=True,

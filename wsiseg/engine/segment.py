@@ -112,8 +112,11 @@ def segment_slide(
         predictor, effective = load_predictor(checkpoint, config, torch_device, precision)
     else:
         effective = getattr(predictor, "config", None) or _load_config(config) or {}
-    mpp = float(mpp if mpp is not None else effective.get("dataset", {}).get("mpp", 0.5))
-    window = int(window if window is not None else effective.get("model", {}).get("input_size", 224))
+    from wsiseg.config import defaults
+
+    mpp = float(mpp if mpp is not None else effective.get("dataset", {}).get("mpp", defaults("dataset")["mpp"]))
+    window = int(window if window is not None else effective.get("model", {}).get("input_size",
+                                                                                defaults("model")["input_size"]))
     checkpoint = Path(checkpoint)
     stat = checkpoint.stat()
     model_info = {

@@ -3,8 +3,10 @@
 LoRA follows peft's convention: the update B·A is scaled by `lora_alpha / lora_r` (rank 8,
 alpha 16 gives scale 2). Target modules are short names matched against the end of module
 names inside the transformer blocks (`qkv`, `proj` = attention; `fc1`, `fc2` = MLP); the
-patch embedding is never targeted. If no module matches, a WsisegError lists the names that
-would, so LoRA can never silently do nothing.
+patch embedding is never targeted. A backbone whose layers have other names (MUSK: `q_proj`,
+`k_proj`, `v_proj`, `out_proj`) carries `default_lora_targets`, used while the config keeps the
+default [qkv, proj]. If no module matches, a WsisegError lists the names that would, so LoRA can
+never silently do nothing.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ def apply_finetune(backbone: nn.Module, mode: str, rank: int = 8, alpha: float =
         return backbone
     from peft import LoraConfig, get_peft_model
 
-    names = find_targets(backbone, list(targets or DEFAULT_TARGETS))
+    if targets is None or tuple(targets) == DEFAULT_TARGETS:  # the config default: the backbone's own, where it has one
+        targets = getattr(trunk(backbone), "default_lora_targets", DEFAULT_TARGETS)
+    names = find_targets(backbone, list(targets))
     config = LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=float(dropout), target_modules=names,
                         use_dora=mode == "dora", bias="none")
     wrapped = get_peft_model(backbone, config)

@@ -1,8 +1,11 @@
 """A registry of backbones: one short builder per pathology foundation model, plus any timm model.
 
-Every builder returns a timm module built with `pretrained=False` (no network, ever). ViTs are
-built without a classifier head and with `dynamic_img_size=True`, so any input whose sides are a
-multiple of the patch size works; CNNs are built as timm feature extractors (`features_only`).
+Every builder returns a module built with `pretrained=False` (no network, ever): a timm module,
+or for MUSK (a BEiT-3 multiway transformer timm lacks) wsiseg's own vision tower with the same
+interface (wsiseg/models/musk.py). ViTs are built without a classifier head and with
+`dynamic_img_size=True`, so any input whose sides are a multiple of the patch size works; CNNs
+are built as timm feature extractors (`features_only`). An entry whose layers are not named
+`qkv` / `proj` declares the LoRA targets used when the config keeps that default.
 Each entry declares the facts `wsiseg models` prints (embed dim, patch, prefix tokens,
 parameter count), so listing the registry builds nothing; `get_spec` reads the same facts from a
 build on the meta device, and the tests hold the two equal for every entry.
@@ -32,6 +35,8 @@ HIBOU = ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816))
 TIMM_LAYOUT = "timm state dict (.bin/.pth/.safetensors; `model`/`state_dict`/`teacher` wrappers and `module.`/`backbone.` prefixes accepted)"
 VIT_HF_LAYOUT = "Hugging Face ViTModel directory (config.json + weights), remapped to timm"
 DINOV2_HF_LAYOUT = "Hugging Face Dinov2Model directory (config.json + weights), remapped to timm"
+MUSK_LAYOUT = ("MUSK checkpoint (musk.pth or model.safetensors: `beit3.` over torchscale BEiT3 names); the vision "
+               "expert is kept, the language expert, text embedding and heads are ignored")
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,8 @@ class Entry:
     architecture: str
     kind: str = "vit"
     default_weights: Callable[[], Path] | None = None
-    unsupported: str | None = None
     remap: str | None = None
+    lora_targets: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -274,11 +279,12 @@ def hibou_l(**kw: Any) -> Any:
     return _vit("vit_large_patch14_reg4_dinov2", **kw)
 
 
-@register("musk", None, HALF, "BEiT-3 multiway ViT-L/16 at 384", unsupported=(
-    "musk is a BEiT-3 multiway transformer that timm does not provide, and wsiseg does not build it "
-    "yet; choose another model (for example uni_v1 or conch_v1_5)"))
+@register("musk", Facts(1024, 16, 1, 303_936_512), HALF, "BEiT-3 multiway ViT-L/16 at 384, sub-LN (vision expert)",
+          MUSK_LAYOUT, remap="musk", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"))
 def musk(**kw: Any) -> Any:
-    raise WsisegError(_REGISTRY["musk"].unsupported)
+    from wsiseg.models.musk import MuskVision
+
+    return MuskVision(**kw)
 
 
 @register("pathorchestra", Facts(1024, 16, 1, 303_350_784), IMAGENET, "ViT-L/16, LayerScale 1e-5")
@@ -347,14 +353,11 @@ def entry(name: str) -> Entry:
         raise WsisegError(
             f"unknown model {name!r}: {hint}run `wsiseg models` for the list, or use timm:<name> for any timm model"
         )
-    found = _REGISTRY[name]
-    if found.unsupported:
-        raise WsisegError(found.unsupported)
-    return found
+    return _REGISTRY[name]
 
 
 def names() -> list[str]:
-    """Every registered name (musk included, although building it is not supported yet)."""
+    """Every registered name."""
     return list(_REGISTRY)
 
 
@@ -362,8 +365,12 @@ def create(name: str, device: str = "meta", **kwargs: Any) -> Any:
     """Build the architecture of `name` with random (or meta) parameters on `device`."""
     import torch
 
+    found = entry(name)
     with torch.device(device):
-        return entry(name).builder(**kwargs)
+        model = found.builder(**kwargs)
+    if found.lora_targets:
+        model.default_lora_targets = found.lora_targets  # what LoRA adapts when the config keeps [qkv, proj]
+    return model
 
 
 @lru_cache(maxsize=None)
@@ -406,9 +413,9 @@ def declared_spec(name: str) -> BackboneSpec:
     )
 
 
-def list_specs() -> list[BackboneSpec | Entry]:
-    """Declared specs of every registry entry; entries that cannot be built (musk) are returned as Entry."""
-    return [_REGISTRY[n] if _REGISTRY[n].unsupported else declared_spec(n) for n in _REGISTRY]
+def list_specs() -> list[BackboneSpec]:
+    """Declared specs of every registry entry (nothing is built)."""
+    return [declared_spec(n) for n in _REGISTRY]
 
 
 def build_backbone(name: str, weights_path: str | Path | None = None, device: str = "meta", **kwargs: Any) -> Any:

@@ -16,17 +16,6 @@ from wsiseg.progress import get_logger
 
 log = get_logger("models")
 
-DEFAULTS: dict[str, Any] = {
-    "pfm_weights_path": None,
-    "emb_dim": None,
-    "decoder": "fused",
-    "finetune_mode": "lora",
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.0,
-    "lora_target_modules": ["qkv", "proj"],
-    "input_size": 224,
-}
 FUSED_VIT_LAYERS = 4
 
 
@@ -83,7 +72,9 @@ def model_config(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """The `model:` section with defaults filled in, checked for unknown values."""
     if not model_cfg or not model_cfg.get("name"):
         raise WsisegError("the config has no model.name: set it to a name from `wsiseg models`")
-    cfg = {**DEFAULTS, **{k: v for k, v in model_cfg.items() if v is not None or k == "pfm_weights_path"}}
+    from wsiseg.config import defaults
+
+    cfg = {**defaults("model"), **{k: v for k, v in model_cfg.items() if v is not None or k == "pfm_weights_path"}}
     if cfg["finetune_mode"] not in MODES:
         raise WsisegError(f"unknown model.finetune_mode {cfg['finetune_mode']!r}: use one of {', '.join(MODES)}")
     if cfg["decoder"] not in DECODERS:

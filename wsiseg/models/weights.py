@@ -296,6 +296,10 @@ def load_backbone_weights(name: str, path: Path, device: str = "cpu", **kwargs: 
     if found.kind == "cnn":
         return _load_cnn(name, source, device, **kwargs)
     raw = strip_prefixes(unwrap(read_state_dict(source)))
+    if found.remap == "musk":
+        from wsiseg.models.musk import remap_published
+
+        raw = remap_published(raw, str(source))
     skeleton = create(name, "meta", **kwargs)
     state = remap_hf(raw, skeleton) if is_hf_layout(raw) else raw
     image_size = _image_size_from(state, skeleton) if "img_size" not in kwargs else None

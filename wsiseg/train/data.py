@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from wsiseg.config import dataset_entries
 from wsiseg.errors import WsisegError
+from wsiseg.train.dataset_json import read_dataset_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
@@ -57,24 +56,10 @@ def read_mask(path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
     return array
 
 
-def load_dataset_json(path: Path | str) -> dict[str, Any]:
-    """The parsed reference dataset JSON."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WsisegError(f"dataset JSON {path} does not exist; pass the train/val/test JSON") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise WsisegError(f"dataset JSON {path} is not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise WsisegError(f"dataset JSON {path} must hold an object with train/val/test lists")
-    return data
-
-
 def split_entries(json_path: Path | str, split: str, need_masks: bool = True) -> list[dict[str, Path | None]]:
     """The (image, mask) paths of one split; WsisegError when it is empty or lacks needed masks."""
     json_path = Path(json_path)
-    entries = dataset_entries(load_dataset_json(json_path), split, json_path)
+    entries = read_dataset_json(json_path).entries(split)
     if not entries:
         raise WsisegError(f"split '{split}' of {json_path} is empty; add image_path/mask_path entries to it")
     if need_masks and any(entry["mask"] is None for entry in entries):

@@ -93,6 +93,18 @@ def predict_image(image: Any, predict: Any, mode: str, window: int, multiple: in
     raise WsisegError(f"unknown inference mode {mode!r}: choose one of {', '.join(MODES)}")
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint file, or the best_model.pth inside a run or checkpoints folder given instead."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for candidate in (path / "best_model.pth", path / "checkpoints" / "best_model.pth"):
+        if candidate.is_file():
+            return candidate
+    raise WsisegError(f"{path} is a folder without best_model.pth or checkpoints/best_model.pth; pass the "
+                      "checkpoint file itself")
+
+
 def _load_model(config: str | Path | None, checkpoint: str | Path, device: Any) -> tuple[Any, dict[str, Any]]:
     """The segmenter of a checkpoint (checked against the config when one is given) and the config used."""
     from wsiseg.config import load_config
@@ -156,6 +168,7 @@ def infer_images(config: str | Path | None, checkpoint: str | Path, input_json: 
     if batch_size < 1:
         raise WsisegError(f"--batch_size must be at least 1, got {batch_size}")
     torch_device = resolve_device(device)
+    checkpoint = checkpoint_file(checkpoint)
     entries = split_entries(input_json, split, need_masks=False)
     names = _unique_names(entries)
     model, stored = _load_model(config, checkpoint, torch_device)

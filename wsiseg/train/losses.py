@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from wsiseg.config import LOSSES
+from wsiseg.config import LOSSES, defaults
 from wsiseg.errors import WsisegError
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -98,7 +98,7 @@ class CombinedLoss:
         if not self.weights:
             raise WsisegError("training.loss has no loss with a weight > 0; e.g. {cross_entropy: 1.0, dice: 1.0}")
         self.ignore_index = ignore_index
-        self.options = loss_cfg
+        self.options = {**defaults("training.loss"), **{k: v for k, v in loss_cfg.items() if v is not None}}
         weights = loss_cfg.get("class_weights")
         if weights is not None and len(weights) != num_classes:
             raise WsisegError(f"training.loss.class_weights has {len(weights)} values for {num_classes} classes; "
@@ -112,13 +112,13 @@ class CombinedLoss:
         if name == "cross_entropy":
             return cross_entropy(logits, target, self.ignore_index, weights)
         if name == "dice":
-            return dice_loss(logits, target, self.ignore_index, float(options.get("smooth", 1.0)))
+            return dice_loss(logits, target, self.ignore_index, float(options["smooth"]))
         if name == "iou":
-            return iou_loss(logits, target, self.ignore_index, float(options.get("smooth", 1.0)))
+            return iou_loss(logits, target, self.ignore_index, float(options["smooth"]))
         if name == "focal":
-            return focal_loss(logits, target, self.ignore_index, float(options.get("focal_gamma", 2.0)), weights)
-        return ohem_loss(logits, target, self.ignore_index, float(options.get("ohem_threshold", 0.7)),
-                         float(options.get("ohem_fraction", 0.25)), weights)
+            return focal_loss(logits, target, self.ignore_index, float(options["focal_gamma"]), weights)
+        return ohem_loss(logits, target, self.ignore_index, float(options["ohem_threshold"]),
+                         float(options["ohem_fraction"]), weights)
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         total = logits.new_zeros((), dtype=torch.float32)

@@ -10,11 +10,13 @@ training_history.png. Under torchrun with several processes it trains with DDP; 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from wsiseg.config import dump_config, load_config
+from wsiseg.config import dump_config, read_config
 from wsiseg.engine.predictors import SegmenterPredictor, autocast_dtype
 from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
@@ -96,10 +98,11 @@ def parameter_groups(model: nn.Module, lr: float, backbone_lr: float | None, wei
 
 
 def build_optimizer(groups: list[dict[str, Any]], training: dict[str, Any]) -> torch.optim.Optimizer:
-    """SGD (Nesterov momentum), Adam or AdamW over the parameter groups."""
+    """SGD (momentum, Nesterov unless training.nesterov is false), Adam or AdamW over the parameter groups."""
     name = training["optimizer"]
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=training["lr"], momentum=training["momentum"], nesterov=True)
+        return torch.optim.SGD(groups, lr=training["lr"], momentum=training["momentum"],
+                               nesterov=training["nesterov"] and training["momentum"] > 0)
     if name == "adam":
         return torch.optim.Adam(groups, lr=training["lr"])
     return torch.optim.AdamW(groups, lr=training["lr"])
@@ -250,7 +253,8 @@ class Trainer:
         return torch.utils.data.DataLoader(
             self.train_set, batch_size=training["batch_size"], shuffle=sampler is None, sampler=sampler,
             num_workers=system["num_workers"], generator=self.loader_generator, drop_last=False,
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+            pin_memory=self.device.type == "cuda" if system["pin_memory"] is None else system["pin_memory"],
+            persistent_workers=False)
 
     def resume(self, path: Path) -> None:
         """Continue from a `last.pth`: weights, optimiser, scheduler, scaler, epoch, history and RNG state."""
@@ -333,7 +337,9 @@ class Trainer:
         self.model.eval()
         accumulator = MetricAccumulator(self.num_classes, self.ignore_index, self.class_names)
         predict = SegmenterPredictor(self.model, self.class_names, self.colors, self.config["system"]["precision"]).predict
-        shown = self.config["visualization"]["num_samples"]
+        visualization = self.config["visualization"]
+        last = epoch + 1 == self.config["training"]["epochs"]
+        shown = visualization["num_samples"] if (epoch + 1) % visualization["every"] == 0 or last else 0
         for index in range(len(self.val_set.entries)):
             image, mask = self.val_set.load(index)
             scores = predict_image(to_tensor(image, self.device), predict, validation["mode"],
@@ -424,17 +430,18 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def train_model(config: str | Path | dict[str, Any], resume: str | Path | None = None, device: str | None = None,
-                overwrite: bool = False) -> dict[str, Any]:
-    """Train a segmenter from a YAML config (path or completed dict); returns a summary of the run.
+                overwrite: bool = False, options: Sequence[str] = ()) -> dict[str, Any]:
+    """Train a segmenter from a YAML config (path or raw mapping, either dialect); returns a summary of the run.
 
-    `resume` continues a run from its checkpoints/last.pth; `device` overrides system.device.
+    `resume` continues a run from its checkpoints/last.pth; `device` overrides system.device;
+    `options` are `key.path=value` overrides (values parsed as YAML) applied before validation.
     """
-    from wsiseg.config import validate_config
+    from wsiseg.config import apply_options, check_config
 
     if isinstance(config, dict):
-        config = validate_config(config, source="config")
+        config, reference_keys = check_config(apply_options(copy.deepcopy(config), options), source="config")
     else:
-        config = load_config(config)
+        config, reference_keys = read_config(config, options=options)
     if device is not None:
         config["system"]["device"] = device
     if resume is not None:
@@ -459,6 +466,8 @@ def train_model(config: str | Path | dict[str, Any], resume: str | Path | None =
         with log_to_file(out / "training.log") if dist.main else contextlib.nullcontext():
             if dist.main:
                 dump_config(config, out / "config.yaml")
+                if reference_keys:
+                    log.info("reference config keys read as: %s", "; ".join(reference_keys))
                 log.info("training %s on %s (%s) -> %s", config["model"]["name"], chosen,
                          str(autocast_dtype(chosen, config["system"]["precision"]) or "fp32").replace("torch.", ""), out)
             trainer = Trainer(config, chosen, dist)
