@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -199,8 +200,12 @@ def test_disk_full_in_train_is_one_line(samples: dict[str, Path], tmp_path: Path
                                         capsys: pytest.CaptureFixture) -> None:
     import wsiseg.models.checkpoint
 
+    @contextmanager
+    def onto_a_full_disk(target: Path) -> Iterator[Path]:
+        yield Path("/dev/full")  # every write fails with the kernel's ENOSPC
+
     config = make_config(tmp_path, make_dataset(tmp_path / "data", samples), training={"epochs": 1})
-    monkeypatch.setattr(wsiseg.models.checkpoint, "save_checkpoint", _no_space)
+    monkeypatch.setattr(wsiseg.models.checkpoint, "atomic_file", onto_a_full_disk)
     with pytest.raises(SystemExit) as exit_:
         main(["train", str(config)])
     assert exit_.value.code == 2
@@ -267,3 +272,23 @@ def test_tile_without_a_scheduler_needs_no_networking(samples: dict[str, Path], 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     results = tile_slides([samples["cmu_svs"]], tmp_path, 8.0, tile=64, progress=False)  # default --workers auto
     assert [r.status for r in results] == ["done"] and results[0].count > 0
+
+
+def test_a_killed_checkpoint_save_leaves_no_temporary_behind(tmp_path: Path) -> None:
+    from wsiseg.models.checkpoint import save_checkpoint
+    from wsiseg.models.segmenter import build_segmenter
+
+    target = tmp_path / "checkpoints" / "last.pth"
+    target.parent.mkdir()
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, sys; from pathlib import Path; from wsiseg.outputs import temporary_sibling;"
+         "Path(temporary_sibling(Path(sys.argv[1]))).write_bytes(b'half a checkpoint'); os._exit(9)", str(target)],
+        check=False,
+    )
+    assert killed.returncode == 9
+    (left,) = target.parent.glob(".last.*.partial.pth")
+    mine = target.with_name(f".last.{os.getpid()}.1.partial.pth")
+    mine.write_bytes(b"a live writer's")  # another thread of this live process: its temporary stays
+    config = {"model": {"name": "timm:test_vit", "finetune_mode": "full", "input_size": 32}}
+    save_checkpoint(target, build_segmenter(config["model"], 2), config, ["a", "b"])
+    assert target.is_file() and not left.exists() and mine.exists()

@@ -6,6 +6,10 @@ slide (the loader wsiseg had before it moved to threads). Both read the same win
 CMU slide (tiled over --passes copies of its window grid) to CPU tensors; the two alternate and
 the best of --repeats runs counts (the machine may be shared).
 
+Then the same for `tile_slide` of the slide at its own MPP (--tile px tiles, read, compressed,
+written): writer threads of this process against a dask LocalCluster of as many worker
+processes (its start-up not counted).
+
     .venv/bin/python tools/infra_readers.py --readers 1 2 --mpp 0.499 0.5
 """
 
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -66,6 +72,24 @@ def run_threads(slide, positions, window, mpp, batch, readers):
     return len(positions) / (time.perf_counter() - started)
 
 
+def tile_rates(path, readers, tile, repeats):
+    """Best tiles/s of tile_slide with `readers` threads and with `readers` LocalCluster processes."""
+    from wsiseg.driver import dask_client
+    from wsiseg.store.tiling import tile_slide
+
+    best = {"threads": 0.0, "processes": 0.0}
+    with tempfile.TemporaryDirectory() as tmp, dask_client(None, local_workers=readers) as client:
+        out = Path(tmp) / "s.zarr"
+        for _ in range(repeats):
+            for name, options in (("threads", {"workers": readers}), ("processes", {"client": client})):
+                started = time.perf_counter()
+                store = tile_slide(path, out, open_slide(path).mpp, tile=tile, overwrite=True, progress=False,
+                                   **options)
+                rate = len(store.tissue_tiles()) / (time.perf_counter() - started)
+                best[name] = max(best[name], rate)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readers", type=int, nargs="+", default=[1, 2])
@@ -74,6 +98,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--passes", type=int, default=8, help="copies of the window grid read per run")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tile", type=int, default=256, help="tile side of the tile_slide comparison")
     args = parser.parse_args()
 
     slide = open_slide(fetch_samples()["cmu_svs"])
@@ -90,6 +115,12 @@ def main() -> None:
                 best["processes"] = max(best["processes"], run_processes(slide, positions, args.window, mpp, args.batch, readers))
             ratio = best["threads"] / best["processes"]
             print(f"{mpp:>6g} {readers:>7} {best['threads']:>10.1f} {best['processes']:>12.1f} {ratio:>6.2f}")
+    print(f"\ntile_slide at {slide.mpp:g} MPP, {args.tile} px tiles (whole call, tiles/s)")
+    print(f"{'writers':>7} {'threads/s':>10} {'processes/s':>12} {'ratio':>6}")
+    for readers in args.readers:
+        best = tile_rates(slide.path, readers, args.tile, args.repeats)
+        ratio = best["threads"] / best["processes"]
+        print(f"{readers:>7} {best['threads']:>10.1f} {best['processes']:>12.1f} {ratio:>6.2f}")
 
 
 if __name__ == "__main__":

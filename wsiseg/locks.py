@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from wsiseg.errors import WsisegError
+from wsiseg.outputs import process_alive
 from wsiseg.progress import get_logger
 
 log = get_logger("lock")
@@ -25,16 +26,6 @@ def lock_path(out: Path, inside: bool = True) -> Path:
     """The lock of an output: inside a folder of outputs, beside a store (.zarr) or where asked (`inside`)."""
     out = Path(out)
     return out.with_name(f".{out.name}.lock") if out.suffix == ".zarr" or not inside else out / LOCK_NAME
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _holder(path: Path) -> dict[str, Any] | None:
@@ -83,7 +74,7 @@ def acquire(out: Path, command: str, inside: bool = True) -> Path:
         holder = _holder(path)
         if holder is None:
             continue  # released between our attempt and our look: try again
-        if holder.get("host") not in (host, None) or (holder.get("pid") and _alive(int(holder["pid"]))):
+        if holder.get("host") not in (host, None) or (holder.get("pid") and process_alive(int(holder["pid"]))):
             if holder.get("pid") == os.getpid() and holder.get("host") == host:
                 raise WsisegError(f"{out} is already used by this process: give each run its own --out")
             raise WsisegError(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -50,16 +52,37 @@ def remove(path: Path) -> None:
 
 
 def fsync_tree(path: Path) -> None:
-    """Flush a file, or every file and folder under a folder, to the disk."""
+    """Flush a file, or every file and folder under a folder, to the disk.
+
+    A folder (a zarr store of thousands of chunks) is flushed with one syncfs of its file
+    system where Linux offers it; elsewhere file by file.
+    """
     path = Path(path)
-    if path.is_dir():
-        for root, _, files in os.walk(path):
-            for name in files:
-                fsync_tree(Path(root) / name)
-            _fsync_folder(Path(root))
+    if not path.is_dir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
         return
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+    if _syncfs(path):
+        return
+    for root, _, files in os.walk(path):
+        for name in files:
+            fsync_tree(Path(root) / name)
+        _fsync_folder(Path(root))
+
+
+def _syncfs(folder: Path) -> bool:
+    """syncfs(2) of the file system holding `folder`; False where it is unavailable."""
+    import ctypes
+
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return False
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        return syncfs(descriptor) == 0
+    finally:
+        os.close(descriptor)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -156,6 +179,30 @@ def temporary_sibling(target: Path) -> Path:
     """A temporary name beside `target`, unique to this process and thread, keeping its suffix."""
     target = Path(target)
     return target.with_name(f".{target.stem}.{os.getpid()}.{threading.get_ident()}.partial{target.suffix}")
+
+
+def remove_dead_temporaries(target: Path) -> list[Path]:
+    """Remove the temporaries of `target` that writers killed on this machine left (their pid is gone)."""
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.stem)}\.(\d+)\.\d+\.partial{re.escape(target.suffix)}$")
+    removed = []
+    for path in target.parent.glob(f".{glob.escape(target.stem)}.*.partial*"):
+        match = pattern.match(path.name)
+        if match and not process_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
