@@ -109,7 +109,7 @@ def test_tokens_equal_torchscale_beit3_through_the_config(torchscale_beit3, tmp_
     with torch.no_grad():
         expected = oracle(visual_tokens=x)["encoder_out"]
     for weights in ("musk.pth", "model.safetensors"):
-        config = load_config(CONFIG, check_files=False, overrides={"model": {"pfm_weights_path": str(tmp_path / weights)}})
+        config = load_config(CONFIG, check_files=False, options=[f"model.pfm_weights_path={tmp_path / weights}"])
         model = build_segmenter(config["model"], 2, **TINY).eval()
         with torch.no_grad():
             tokens = trunk(model.backbone).forward_features(x)
