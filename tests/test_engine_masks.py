@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from wsiseg.store.masks import PROGRESS_FILE, MaskStore, level_shapes, mode_downsample
+from wsiseg.store.masks import PROGRESS_FILE, MaskStore, class_counts, level_shapes, mode_downsample
 
 
 def _brute_mode(labels: np.ndarray) -> np.ndarray:
@@ -82,3 +82,10 @@ def test_write_in_stripes_resume_and_pyramid(tmp_path: Path) -> None:
     # ... while different settings start afresh
     fresh = _create(path, {"run": 2})
     assert fresh.rows_done == 0 and not fresh.is_complete
+
+
+def test_class_counts_equal_bincount() -> None:
+    rng = np.random.default_rng(4)
+    for classes in (1, 3, 16, 17, 300):
+        labels = rng.integers(0, classes, (37, 53)).astype(np.uint8 if classes <= 255 else np.uint16)
+        assert class_counts(labels, classes) == np.bincount(labels.ravel(), minlength=classes).tolist()

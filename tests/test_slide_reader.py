@@ -15,6 +15,7 @@ from tests.conftest import assert_user_error, run_cli
 from wsiseg.errors import WsisegError
 from wsiseg.slide import Bounds, open_slide
 from wsiseg.slide.backends import ImageBackend
+from wsiseg.slide.reader import take_runs
 
 CMU_SIZES = {0.25: (4431, 5922), 0.5: (2216, 2961), 1.0: (1108, 1481), 2.0: (554, 740)}
 
@@ -84,6 +85,36 @@ def test_reads_at_a_reduced_level_use_its_pixels_in_place(samples):
             assert np.abs(window - expected).mean() < 6
             shifted = level1[y + 1 : y + 129, x + 1 : x + 129]
             assert np.abs(window - expected).mean() < np.abs(window - shifted).mean() / 3
+
+
+def test_reads_near_a_level_mpp_take_its_nearest_pixels(samples):
+    """At 0.5 MPP on the 0.499 MPP slide each output pixel is the base pixel under its centre: no filter."""
+    width, height = 2220, 2967
+    base = openslide_on_white(samples["cmu_svs"], 0, 0, width + 64, height + 64)  # white past the edges
+    scale = 0.5 / 0.499
+    with open_slide(samples["cmu_svs"]) as slide:
+        assert slide.mpp == 0.499
+        for x, y, w, h in [(700, 900, 300, 200), (0, 0, 64, 48), (2150, 2900, 70, 64), (-5, 30, 20, 20)]:
+            rows = np.floor((y + np.arange(h) + 0.5) * scale).astype(int)
+            cols = np.floor((x + np.arange(w) + 0.5) * scale).astype(int)
+            expected = base[np.ix_(rows, cols)] if x >= 0 else None
+            window = slide.read(x, y, w, h, 0.5)
+            if expected is None:  # left of the slide: white, then the base pixels
+                assert (window[:, :5] == 255).all()
+                assert np.array_equal(window[:, 5:], base[np.ix_(rows, cols[5:])])
+            else:
+                assert np.array_equal(window, expected)
+    skipped = np.diff(np.floor((700 + np.arange(300) + 0.5) * scale))
+    assert set(skipped) == {1, 2}  # the first window really is rescaled: a column is skipped
+
+
+def test_take_runs_equals_take():
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    for indices in (np.arange(3, 40), np.r_[0:10, 9:20, 22:49], rng.integers(0, 50, 30), np.array([7])):
+        for axis in (0, 1):
+            index = np.clip(indices, 0, array.shape[axis] - 1)
+            assert np.array_equal(take_runs(array, index, axis), array.take(index, axis))
 
 
 def test_derived_pyramid_opens_with_all_levels_and_mpp(samples):

@@ -75,3 +75,14 @@ def test_qc_picture_draws_outline_and_tiles(cmu):
     green = (picture == (0, 200, 0)).all(axis=2).sum()
     blue = (picture == (30, 60, 220)).all(axis=2).sum()
     assert green > 200 and blue > 100
+
+
+def test_sample_rows_is_the_nearest_mask_pixel(cmu):
+    """Rows of the mask on an image grid equal a direct nearest lookup of every pixel centre."""
+    tissue = tissue_mask(cmu)
+    for y0, rows, width, mpp in [(0, 50, 300, 2.0), (123, 77, 2216, 0.5), (2900, 61, 2216, 0.5)]:
+        factor = mpp / tissue.mpp
+        ys = np.minimum(((np.arange(y0, y0 + rows) + 0.5) * factor).astype(int), tissue.mask.shape[0] - 1)
+        xs = np.minimum(((np.arange(width) + 0.5) * factor).astype(int), tissue.mask.shape[1] - 1)
+        expected = np.array([[tissue.mask[y, x] for x in xs] for y in ys])
+        assert np.array_equal(tissue.sample_rows(y0, rows, width, mpp), expected)

@@ -52,4 +52,5 @@ class TissueMask:
         factor = mpp / self.mpp
         ys = np.minimum(((np.arange(y0, y0 + rows) + 0.5) * factor).astype(np.intp), self.mask.shape[0] - 1)
         xs = np.minimum(((np.arange(width) + 0.5) * factor).astype(np.intp), self.mask.shape[1] - 1)
-        return self.mask[np.ix_(ys, xs)]
+        rows_needed, repeats = np.unique(ys, return_counts=True)  # ys never decreases: each mask row once
+        return np.repeat(self.mask[rows_needed][:, xs], repeats, axis=0)

@@ -17,8 +17,27 @@ MAX_UPSAMPLE = 4.0
 # A level counts as fine enough when its downsample exceeds the wanted one by less than this (pyramid
 # levels of odd-sized images have downsamples like 2.0003 for a nominal 2).
 LEVEL_TOLERANCE = 0.01
+# Within this relative difference of the chosen level's own resolution (0.499 vs 0.5 MPP is 0.2%), a read
+# takes that level's nearest pixels instead of resampling: at most one row or column in 50 is repeated or
+# dropped and every other pixel is the scanner's own, where a filter would blur them all by a fraction of
+# a pixel, and it costs a copy instead of a filter pass.
+NEAREST_TOLERANCE = 0.02
 # Largest source region (in level pixels, per side) read at once when building a thumbnail.
 THUMBNAIL_BLOCK = 4096
+
+
+def take_runs(array: np.ndarray, indices: np.ndarray, axis: int) -> np.ndarray:
+    """`array.take(indices, axis)`, by slices when the indices form few consecutive runs (near-identity maps)."""
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    if len(breaks) > 16:
+        return array.take(indices, axis)
+    edges = [0, *breaks.tolist(), len(indices)]
+    index: list[slice] = [slice(None)] * array.ndim
+    pieces = []
+    for start, stop in zip(edges[:-1], edges[1:]):
+        index[axis] = slice(int(indices[start]), int(indices[stop - 1]) + 1)
+        pieces.append(array[tuple(index)])
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis)
 
 
 def snap(value: float) -> int:
@@ -175,6 +194,8 @@ class Slide:
             return backend.read(0, bx + x, by + y, width, height)
         level = self.best_level(scale)
         downsample = backend.level_downsamples[level]
+        if abs(scale / downsample - 1.0) <= NEAREST_TOLERANCE:
+            return self._read_nearest(level, x, y, width, height, scale)
         # The box in (float) level pixels, then the integer superset read from the level.
         fx0, fy0 = (bx + x * scale) / downsample, (by + y * scale) / downsample
         fx1, fy1 = (bx + (x + width) * scale) / downsample, (by + (y + height) * scale) / downsample
@@ -188,6 +209,25 @@ class Slide:
         resample = Image.Resampling.BOX if scale >= downsample else Image.Resampling.BICUBIC
         image = Image.fromarray(patch).resize((width, height), resample=resample, box=box)
         return np.asarray(image)
+
+    def _read_nearest(self, level: int, x: int, y: int, width: int, height: int, scale: float) -> np.ndarray:
+        """The pixels of `level` nearest to the centres of the output pixels of the box (x, y, width, height).
+
+        Centres are computed from absolute output coordinates, so a pixel is the same in every box
+        that holds it (tiles agree with a whole read).
+        """
+        backend = self.backend
+        downsample = backend.level_downsamples[level]
+        centres_x = (backend.bounds.x + (x + np.arange(width) + 0.5) * scale) / downsample
+        centres_y = (backend.bounds.y + (y + np.arange(height) + 0.5) * scale) / downsample
+        # one pixel of margin each side for the backend's sub-pixel offset
+        lx0, ly0 = int(math.floor(centres_x[0])) - 1, int(math.floor(centres_y[0])) - 1
+        lw, lh = int(math.floor(centres_x[-1])) + 2 - lx0, int(math.floor(centres_y[-1])) + 2 - ly0
+        dx, dy = backend.offset(level, lx0, ly0)
+        patch = backend.read(level, lx0, ly0, lw, lh)
+        columns = np.clip(np.floor(centres_x - dx).astype(np.int64) - lx0, 0, lw - 1)
+        rows = np.clip(np.floor(centres_y - dy).astype(np.int64) - ly0, 0, lh - 1)
+        return take_runs(take_runs(patch, rows, 0), columns, 1)
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
         """The whole slide (its bounds) as RGB with its longer side `max_side`, read in bounded blocks."""

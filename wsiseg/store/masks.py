@@ -72,6 +72,13 @@ def level_shapes(height: int, width: int, min_size: int = LEVEL_MIN_SIZE) -> lis
     return shapes
 
 
+def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
+    """Pixels of each class: a vectorised comparison per class when they are few (bincount widens to int64 first)."""
+    if num_classes <= 16:
+        return [int(np.count_nonzero(labels == k)) for k in range(num_classes)]
+    return np.bincount(labels.reshape(-1), minlength=num_classes).tolist()
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON to a temporary sibling, then rename it over `path`."""
     with atomic_file(path) as temporary:
@@ -259,7 +266,7 @@ class MaskStore:
             scores = np.concatenate(self._prob_buffer, axis=1)
             self._prob_buffer = [scores[:, rows:]] if scores.shape[1] > rows else []
             self.probabilities[:, y0 : y0 + rows] = scores[:, :rows]
-        counts = np.bincount(block.reshape(-1), minlength=len(self.class_names))
+        counts = class_counts(block, len(self.class_names))
         self.pixel_counts = [int(a) + int(b) for a, b in zip(self.pixel_counts, counts)]
         self._buffered_rows -= rows
         self.rows_done = y0 + rows
