@@ -209,7 +209,7 @@ def test_disk_full_in_train_is_one_line(samples: dict[str, Path], tmp_path: Path
     with pytest.raises(SystemExit) as exit_:
         main(["train", str(config)])
     assert exit_.value.code == 2
-    _one_error_line(capsys, "no space left on the device")
+    _one_error_line(capsys, "no space left on the device", "--resume <output_dir>/checkpoints/last.pth")
     assert not lock_path(tmp_path / "run", inside=False).exists()
 
 

@@ -68,6 +68,14 @@ OS_ERRORS: dict[int, str] = {
     errno.EIO: "input/output error{where}: check the disk or network share, then rerun",
 }
 RESUMES = "rerun the same command to resume where it stopped"
+TRAIN_RESUMES = ("continue the run with --resume <output_dir>/checkpoints/last.pth (or restart it with "
+                 "--overwrite if no checkpoint was saved yet)")
+
+
+def resume_advice(argv: list[str] | None) -> str:
+    """How to pick up after an interruption: most commands resume by themselves, train needs --resume."""
+    args = sys.argv[1:] if argv is None else argv
+    return TRAIN_RESUMES if "train" in args[:1] else RESUMES
 
 
 def one_line(error: BaseException) -> str:
@@ -78,14 +86,14 @@ def one_line(error: BaseException) -> str:
     return message
 
 
-def os_error_line(error: OSError) -> str | None:
+def os_error_line(error: OSError, advice: str = RESUMES) -> str | None:
     """One line for an OS-level failure (disk full, permission denied, read-only), or None for others."""
     template = OS_ERRORS.get(error.errno or -1)
     if template is None:
         return None
     where = f" ({error.filename})" if error.filename else ""
     line = template.format(where=where)
-    return f"{line}; then {RESUMES}" if error.errno in (errno.ENOSPC, errno.EDQUOT) else line
+    return f"{line}; then {advice}" if error.errno in (errno.ENOSPC, errno.EDQUOT) else line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,13 +104,13 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"Error: {one_line(error)}", err=True)
         sys.exit(2)
     except OSError as error:
-        line = os_error_line(error)
+        line = os_error_line(error, resume_advice(argv))
         if line is None:
             raise
         click.echo(f"Error: {line}", err=True)
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo(f"Interrupted: {RESUMES}.", err=True)
+        click.echo(f"Interrupted: {resume_advice(argv)}.", err=True)
         sys.exit(130)
     except click.ClickException as error:
         error.show()

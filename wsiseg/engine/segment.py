@@ -138,8 +138,8 @@ _PREDICTOR: dict[str, Any] = {}  # the last predictor loaded in this process (a 
 def cached_predictor(checkpoint: str | Path, config: Any, device: Any, precision: str | None) -> Any:
     """`load_predictor`, reusing the model this process loaded last when the same one is asked for again."""
     checkpoint = Path(checkpoint)
-    stat = checkpoint.stat()
-    key = json.dumps([str(checkpoint.resolve()), stat.st_mtime_ns, config, str(device), precision], default=str)
+    stamp = checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None  # missing: load_predictor says so
+    key = json.dumps([str(checkpoint.resolve()), stamp, config, str(device), precision], default=str)
     if key not in _PREDICTOR:
         _PREDICTOR.clear()
         _PREDICTOR[key] = load_predictor(checkpoint, config, device, precision)[0]

@@ -52,6 +52,19 @@ def shared_bank(
     return path
 
 
+def _opens(path: Path, mpp: float | None, slide_mpp: float | None) -> bool:
+    """Whether a slide opens at `mpp` (with --skip-errors, a bad slide stays out of the shared fit;
+    its own task then reports its error)."""
+    from wsiseg.engine.run import open_source
+
+    try:
+        view = open_source(path, mpp or DEFAULT_MPP, slide_mpp)
+    except WsisegError:
+        return False
+    view.reader.close()
+    return True
+
+
 def _fseg_one(slide: Path, out: Path, options: dict[str, Any]) -> SlideResult:
     """One slide with the shared bank, here or as a dask task."""
     summary = fseg_slide(slide, out, **options)[0]
@@ -94,7 +107,9 @@ def fseg_slides(
     on_gpu = str(device or "auto").startswith("cuda")
     with output_lock(out, "fseg"):
         if bank is None:
-            bank = shared_bank(paths, out, k, model, weights, layer, mpp, slide_mpp, window, fit_windows, seed, device)
+            fit_on = [path for path in paths if _opens(path, mpp, slide_mpp)] if skip_errors else paths
+            bank = shared_bank(fit_on or paths, out, k, model, weights, layer, mpp, slide_mpp, window, fit_windows,
+                               seed, device)
         options = {**options, "k": k, "bank": str(bank), "model": model, "weights": weights, "layer": layer,
                    "mpp": mpp, "slide_mpp": slide_mpp, "window": window, "device": device}
         if scheduler:
