@@ -10,6 +10,7 @@ import yaml
 
 from tests.train_fixtures import make_config, make_dataset
 from wsiseg.config import load_config, validate_config
+from wsiseg.config_types import REQUIRED
 from wsiseg.errors import WsisegError
 
 
@@ -135,3 +136,19 @@ def test_shipped_configs_are_valid(samples: dict[str, Path]) -> None:
     demo = load_config(folder / "demo.yaml")
     assert Path(demo["dataset"]["json"]).is_file()
     assert demo["dataset"]["num_classes"] == 4
+
+
+def test_typed_sections_hold_the_defaults_and_round_trip(samples: dict[str, Path]) -> None:
+    from wsiseg.config import SCHEMA, defaults
+    from wsiseg.config_types import SECTIONS, Config
+
+    for name, section in SECTIONS.items():
+        required = [key for key, spec in SCHEMA[name].items() if spec.default is REQUIRED]
+        given = {key: "x" for key in required}
+        assert vars(section(**given)) == {**defaults(name), **given}, name
+    assert SCHEMA["training"]["lr"].types == (float, int) and SCHEMA["dataset"]["num_classes"].nullable
+    assert SCHEMA["model"]["finetune_mode"].choices == ("lora", "dora", "full", "frozen")
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    typed = Config.from_dict(config)
+    assert typed.training.loss["dice"] == 1.0 and typed.model.finetune_mode == "full"
+    assert typed.to_dict() == config

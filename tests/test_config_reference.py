@@ -18,6 +18,7 @@ import yaml
 from tests.train_fixtures import make_dataset, reference_config
 from wsiseg.config import apply_options, check_config, load_config, validate_config
 from wsiseg.config_reference import migrate_config, model_name, normalise
+from wsiseg.config_types import Config, TrainingConfig
 from wsiseg.errors import WsisegError
 
 
@@ -108,13 +109,13 @@ def test_sgd_momentum_nesterov_weight_decay_wherever_the_reference_puts_them(dat
     (raw["training"]["optimizer"] if where == "optimizer" else raw["training"]).update(settings)
     config = read(raw)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
-    training = config["training"]
-    optimizer = build_optimizer(parameter_groups(model, training["lr"], None, training["weight_decay"]), training)
+    training = TrainingConfig(**config["training"])
+    optimizer = build_optimizer(parameter_groups(model, training.lr, None, training.weight_decay), training)
     assert type(optimizer) is torch.optim.SGD
     group = next(g for g in optimizer.param_groups if g["name"] == "decoder")
     assert (group["momentum"], group["nesterov"], group["weight_decay"], group["lr"]) == (0.8, False, 0.05, 0.001)
     nesterov = read(base(dataset, tmp_path))  # the example: SGD, momentum 0.9, nesterov true
-    optimizer = build_optimizer(parameter_groups(model, 0.1, None, 0.0), nesterov["training"])
+    optimizer = build_optimizer(parameter_groups(model, 0.1, None, 0.0), TrainingConfig(**nesterov["training"]))
     assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
 
 
@@ -124,21 +125,22 @@ def test_optimizer_type_in_any_case(dataset: Path, tmp_path: Path, given: str, e
     from wsiseg.train.trainer import build_optimizer
 
     config = read(base(dataset, tmp_path, training={"optimizer": {"type": given}}))
-    assert type(build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}], config["training"])) is expected
+    training = TrainingConfig(**config["training"])
+    assert type(build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}], training)) is expected
 
 
 def test_cosine_and_step_schedules_with_warmup_epochs(dataset: Path, tmp_path: Path) -> None:
     from wsiseg.train.trainer import lr_factor
 
     config = read(base(dataset, tmp_path, training={"epochs": 10, "scheduler": {"type": "cosine", "warmup_epochs": 2}}))
-    training, steps = config["training"], 5
+    training, steps = TrainingConfig(**config["training"]), 5
     factors = [lr_factor(step, training, steps) for step in range(10 * steps)]
     assert factors[0] > 0 and factors[:10] == sorted(factors[:10])  # linear warmup over 2 epochs, never 0
     assert max(factors) == pytest.approx(1.0, abs=1e-3) and factors.index(max(factors)) in (9, 10)
     assert factors[10:] == sorted(factors[10:], reverse=True) and factors[-1] < 0.05
     step = read(base(dataset, tmp_path, training={"epochs": 10, "scheduler": {"type": "Step", "warmup_epochs": 0}}))
     assert step["training"]["scheduler"] == "step" and step["training"]["warmup_epochs"] == 0
-    assert lr_factor(0, step["training"], steps) == 1.0
+    assert lr_factor(0, TrainingConfig(**step["training"]), steps) == 1.0
 
 
 @pytest.mark.parametrize("kind", ["cross_entropy", "dice", "ohem", "iou"])
@@ -196,7 +198,7 @@ def test_pin_memory_reaches_the_training_loader(dataset: Path, tmp_path: Path) -
     for pin in (True, False):
         config = read(base(dataset, tmp_path, system={"pin_memory": pin}))
         trainer = Trainer.__new__(Trainer)
-        trainer.config, trainer.dist, trainer.device = config, Distributed(), torch.device("cpu")
+        trainer.cfg, trainer.dist, trainer.device = Config.from_dict(config), Distributed(), torch.device("cpu")
         trainer.train_set = SegmentationDataset(split_entries(dataset, "train"), 4)
         trainer.loader_generator = torch.Generator()
         assert trainer._loader().pin_memory is pin
@@ -210,10 +212,12 @@ def test_every_problem_at_once_in_the_reference_dialect(dataset: Path, tmp_path:
     raw["model"]["eval_interval"] = 2
     raw["training"]["loss"]["type"] = "dise"
     raw["training"]["lr"] = 0.01
+    raw["validation"]["ResizedSize"] = 64
     with pytest.raises(WsisegError) as error:
         read(raw)
     message = str(error.value)
-    assert "6 problems" in message and "\n" not in message
+    assert "7 problems" in message and "\n" not in message
+    assert "unknown key 'validation.ResizedSize' (it belongs in 'validation.augmentation')" in message
     assert "unknown key 'training.learning_rat' (did you mean 'learning_rate'?)" in message
     assert "unknown key 'model.finetune_mode.rnak' (did you mean 'rank'?)" in message
     assert "training.optimizer.type is 'sgdd'; choose one of sgd, adam, adamw (did you mean 'sgd'?)" in message
@@ -315,3 +319,12 @@ def test_test_items_without_masks_and_paths_relative_to_the_json(dataset: Path) 
     with pytest.raises(WsisegError, match="every test image needs a mask"):
         split_entries(moved, "test")
     assert split_entries(moved, "train")[0]["mask"].is_file()
+
+
+def test_readme_table_lists_every_reference_key() -> None:
+    from wsiseg.config_reference import TABLE
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("### The reference dialect"):]
+    for row in TABLE:
+        assert row.reference.rsplit(".", 1)[1] in table, row.reference

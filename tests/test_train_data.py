@@ -110,17 +110,21 @@ def test_weighted_sum_of_losses() -> None:
 
 
 def test_schedules_warm_up_per_iteration_and_end_at_the_floor() -> None:
-    training = {"epochs": 10, "warmup_epochs": 1, "min_lr_ratio": 0.01, "scheduler": "cosine",
-                "poly_power": 0.9, "step_epochs": 4, "step_gamma": 0.1}
+    from dataclasses import replace
+
+    from wsiseg.config_types import TrainingConfig
+
+    training = TrainingConfig(epochs=10, warmup_epochs=1, min_lr_ratio=0.01, scheduler="cosine", poly_power=0.9,
+                              step_epochs=4, step_gamma=0.1)
     factors = [lr_factor(step, training, 20) for step in range(200)]
     assert 0 < factors[0] < 0.1  # never zero in the first epoch
     assert factors[19] == pytest.approx(20 / 21)
     assert max(factors) == pytest.approx(1.0)
     assert factors[-1] == pytest.approx(0.01, abs=2e-3)
     assert all(a >= b for a, b in zip(factors[20:], factors[21:]))
-    step = [lr_factor(s, {**training, "scheduler": "step"}, 20) for s in (20, 79, 80, 160)]
+    step = [lr_factor(s, replace(training, scheduler="step"), 20) for s in (20, 79, 80, 160)]
     assert step == pytest.approx([1.0, 1.0, 0.1, 0.01])
-    assert lr_factor(199, {**training, "scheduler": "poly"}, 20) < 0.05
+    assert lr_factor(199, replace(training, scheduler="poly"), 20) < 0.05
 
 
 def test_parameter_groups_split_decay_and_backbone_lr() -> None:

@@ -108,3 +108,13 @@ def test_eval_and_save_intervals_drive_the_run(tmp_path: Path, samples: dict[str
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [("val" in line) for line in lines] == [False, True, True]  # every 2nd epoch, and the last
     assert sorted(p.name for p in (out / "visualizations").iterdir()) == ["epoch002_val_0.png", "epoch003_val_0.png"]
+
+
+def test_resume_from_the_run_folder(tmp_path: Path, samples: dict[str, Path]) -> None:
+    from wsiseg.train.trainer import train_model
+
+    first = train_tiny(tmp_path, samples, epochs=1)
+    resumed = train_model(first["config"], resume=first["output_dir"], options=["training.epochs=2"])
+    assert resumed["epochs"] == 2
+    lines = (Path(first["output_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]

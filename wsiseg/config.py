@@ -1,11 +1,12 @@
-"""The YAML configuration: the one place that knows every key, its default and its checks.
+"""The YAML configuration: reading, the reference dialect's normalising step, and every check.
 
 `load_config(path)` reads a YAML file, fills defaults, resolves paths and checks everything
 up front, raising one `WsisegError` that lists every problem at once (unknown or misspelt keys
 with a "did you mean", wrong types, class counts that disagree, crop sizes the backbone cannot
 take, missing files). Relative input paths are resolved against the config file's folder
 (falling back to the current folder); `logging.output_dir` is relative to the current folder.
-`dataset.json: sample:hgsc_nest` selects the built-in labelled demo data set.
+`dataset.json: sample:hgsc_nest` selects the built-in labelled demo data set. The keys, their
+types, defaults and bounds are the dataclasses of `wsiseg.config_types`.
 
 A file in the reference project's dialect (`model.pfm_name`, `training.learning_rate`,
 `finetune_mode: {type, rank, alpha}`, ...) is first read onto the native keys by
@@ -22,119 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from wsiseg.config_types import AUGMENTATIONS, LOSSES, REQUIRED, SECTIONS, Key, LossOptions, schema
 from wsiseg.errors import WsisegError
-from wsiseg.metrics import SUMMARY_METRICS
 from wsiseg.train.dataset_json import read_dataset_json, resolve_path
 
 DEMO_DATASET = "sample:hgsc_nest"
-REQUIRED = object()
 
-
-@dataclass(frozen=True)
-class Key:
-    """One config key: default, accepted types, and optional choices / bounds."""
-
-    default: Any
-    types: tuple[type, ...]
-    choices: tuple[Any, ...] | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    nullable: bool = False
-    help: str = ""
-
-
-def _k(default: Any, *types: type, choices: tuple | None = None, minimum: float | None = None,
-       maximum: float | None = None, nullable: bool = False, help: str = "") -> Key:
-    return Key(default, types, choices, minimum, maximum, nullable or default is None, help)
-
-
-LOSSES = ("cross_entropy", "dice", "iou", "ohem", "focal")
-AUGMENTATIONS = (
-    "random_resized_crop", "hflip", "vflip", "rotate90", "transpose", "elastic", "grid_distortion",
-    "optical_distortion", "color_jitter", "hsv", "rgb_shift", "gaussian_noise", "multiplicative_noise",
-    "gaussian_blur", "motion_blur", "median_blur", "brightness_contrast", "gamma", "coarse_dropout",
-)
-PROB = dict(minimum=0.0, maximum=1.0)
-
-SCHEMA: dict[str, dict[str, Key]] = {
-    "dataset": {
-        "json": _k(REQUIRED, str, help="reference JSON with train/val/test lists, or sample:hgsc_nest"),
-        "num_classes": _k(None, int, minimum=1),
-        "class_names": _k(None, list),
-        "ignore_index": _k(255, int, minimum=0),
-        "mpp": _k(0.5, float, int, minimum=0.01),
-    },
-    "system": {
-        "device": _k("auto", str),
-        "num_workers": _k(2, int, minimum=0),
-        "seed": _k(42, int, minimum=0),
-        "precision": _k("auto", str, choices=("auto", "bf16", "fp16", "fp32")),
-        "deterministic": _k(False, bool),
-        "pin_memory": _k(None, bool, help="pin host memory of the training loader; null = on CUDA only"),
-    },
-    "model": {
-        "name": _k(REQUIRED, str),
-        "pfm_weights_path": _k(None, str),
-        "emb_dim": _k(None, int, minimum=1),
-        "decoder": _k("fused", str, choices=("fused", "progressive")),
-        "finetune_mode": _k("lora", str, choices=("lora", "dora", "full", "frozen")),
-        "lora_r": _k(8, int, minimum=1),
-        "lora_alpha": _k(16, int, float, minimum=0),
-        "lora_dropout": _k(0.0, float, int, **PROB),
-        "lora_target_modules": _k(["qkv", "proj"], list),
-        "input_size": _k(224, int, minimum=8),
-        "num_classes": _k(None, int, minimum=1),
-        "merged_from": _k(None, str, help="set by `merge` exports: the fine-tuning mode merged into the weights"),
-    },
-    "training": {
-        "epochs": _k(20, int, minimum=1),
-        "batch_size": _k(8, int, minimum=1),
-        "optimizer": _k("adamw", str, choices=("sgd", "adam", "adamw")),
-        "lr": _k(1e-4, float, minimum=0),
-        "backbone_lr": _k(None, float, minimum=0, help="learning rate of the backbone; null = lr"),
-        "weight_decay": _k(0.01, float, int, minimum=0),
-        "momentum": _k(0.9, float, int, **PROB),
-        "nesterov": _k(True, bool, help="Nesterov momentum (SGD)"),
-        "scheduler": _k("cosine", str, choices=("cosine", "step", "poly", "none")),
-        "warmup_epochs": _k(1.0, float, int, minimum=0),
-        "min_lr_ratio": _k(0.01, float, int, **PROB),
-        "step_epochs": _k(10, int, minimum=1),
-        "step_gamma": _k(0.1, float, minimum=0),
-        "poly_power": _k(0.9, float, int, minimum=0),
-        "loss": _k({"cross_entropy": 1.0}, dict),
-        "augmentations": _k({"random_resized_crop": 1.0, "hflip": 0.5, "vflip": 0.5, "rotate90": 0.5,
-                             "color_jitter": 0.5}, dict),
-        "grad_accum": _k(1, int, minimum=1),
-        "clip_grad": _k(1.0, float, int, minimum=0),
-        "crop_size": _k(None, int, minimum=8, help="training crop side; null = model.input_size"),
-        "repeats": _k(1, int, minimum=1, help="passes over the training list per epoch"),
-    },
-    "validation": {
-        "every": _k(1, int, minimum=1),
-        "metric": _k("mdice", str, choices=tuple(SUMMARY_METRICS)),
-        "batch_size": _k(8, int, minimum=1),
-        "mode": _k("windowslide", str, choices=("windowslide", "resize")),
-        "overlap": _k(0.25, float, int, minimum=0.0, maximum=0.9),
-        "blend": _k("gaussian", str, choices=("gaussian", "constant")),
-    },
-    "logging": {
-        "output_dir": _k("runs/experiment", str),
-        "log_every": _k(10, int, minimum=1),
-    },
-    "visualization": {
-        "num_samples": _k(4, int, minimum=0),
-        "every": _k(1, int, minimum=1, help="save sample panels at every Nth epoch (of those validated)"),
-        "alpha": _k(0.5, float, **PROB),
-    },
-}
-
-LOSS_OPTIONS: dict[str, Key] = {
-    "focal_gamma": _k(2.0, float, int, minimum=0),
-    "ohem_fraction": _k(0.25, float, minimum=0.0, maximum=1.0),
-    "ohem_threshold": _k(0.7, float, **PROB),
-    "class_weights": _k(None, list),
-    "smooth": _k(1.0, float, int, minimum=0),
-}
+SCHEMA: dict[str, dict[str, Key]] = {name: schema(section) for name, section in SECTIONS.items()}
+LOSS_OPTIONS: dict[str, Key] = schema(LossOptions)
 
 
 def defaults(section: str) -> dict[str, Any]:
@@ -192,7 +88,7 @@ def _check_value(where: str, key: Key, value: Any, problems: _Problems) -> Any:
 
 def _fill_section(name: str, given: Any, problems: _Problems, aliases: dict[str, str]) -> dict[str, Any]:
     """One section with defaults filled; `aliases` names native keys after the reference keys they came from."""
-    from wsiseg.config_reference import reference_keys
+    from wsiseg.config_reference import nested_home, reference_keys
 
     schema = SCHEMA[name]
     if given is None:
@@ -207,7 +103,13 @@ def _fill_section(name: str, given: Any, problems: _Problems, aliases: dict[str,
             home = [section for section, keys in SCHEMA.items() if key in keys and section != name]
             home += [section for section, keys in reference.items() if key in keys and section != name]
             known = (*schema, *reference.get(name, ()))
-            hint = f" (it belongs in section '{home[0]}')" if home else _suggest(key, known)
+            nested = nested_home(key)
+            if home:
+                hint = f" (it belongs in section '{home[0]}')"
+            elif nested:
+                hint = f" (it belongs in '{nested}')"
+            else:
+                hint = _suggest(key, known)
             problems.add(f"unknown key '{name}.{key}'{hint}")
             continue
         path = f"{name}.{key}"

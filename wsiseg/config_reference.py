@@ -53,7 +53,7 @@ def _word(path: str, value: Any, choices: tuple[str, ...]) -> str:
     lowered = value.lower()
     if lowered in UNSUPPORTED_MODES:
         raise _Bad(f"{path} is '{value}': the reference's adapter modes (cnn_adapter, transformer_adapter) are not "
-                   "implemented in wsiseg; use lora, dora, full or frozen")
+                   f"implemented in wsiseg; use {', '.join(choices[:-1])} or {choices[-1]}")
     if lowered not in choices:
         close = difflib.get_close_matches(lowered, choices, n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -99,8 +99,16 @@ def _lr(value: Any, lookup: Lookup) -> tuple[float]:
     return (_number("training.learning_rate", value),)
 
 
+def _choices(native: str) -> tuple[str, ...]:
+    """The choices of a native key (kept once, in the config schema)."""
+    from wsiseg.config import SCHEMA
+
+    section, key = native.split(".")
+    return tuple(SCHEMA[section][key].choices or ())
+
+
 def _mode(value: Any, lookup: Lookup) -> tuple[str]:
-    return (_word("model.finetune_mode.type", value, ("lora", "dora", "full", "frozen")),)
+    return (_word("model.finetune_mode.type", value, _choices("model.finetune_mode")),)
 
 
 def _alpha(value: Any, lookup: Lookup) -> tuple[float]:
@@ -108,11 +116,11 @@ def _alpha(value: Any, lookup: Lookup) -> tuple[float]:
 
 
 def _optimizer(value: Any, lookup: Lookup) -> tuple[str]:
-    return (_word("training.optimizer.type", value, ("sgd", "adam", "adamw")),)
+    return (_word("training.optimizer.type", value, _choices("training.optimizer")),)
 
 
 def _scheduler(value: Any, lookup: Lookup) -> tuple[str]:
-    return (_word("training.scheduler.type", value, ("cosine", "step", "poly", "none")),)
+    return (_word("training.scheduler.type", value, _choices("training.scheduler")),)
 
 
 def _loss(value: Any, lookup: Lookup) -> tuple[dict[str, Any]]:
@@ -194,6 +202,14 @@ def reference_keys() -> dict[str, list[str]]:
     return out
 
 
+def nested_home(key: str) -> str | None:
+    """The nested mapping a reference key belongs in ('training.augmentation' for RandomResizedCropSize),
+    None when it has none or several (`type`)."""
+    homes = {parent for parent, leaf in (row.reference.rsplit(".", 1) for row in TABLE)
+             if leaf == key and parent.count(".") == 1}
+    return next(iter(homes)) if len(homes) == 1 else None
+
+
 def _get(mapping: Any, path: str) -> Any:
     for part in path.split("."):
         if not isinstance(mapping, dict) or part not in mapping:
@@ -209,14 +225,6 @@ def _has(mapping: Any, path: str) -> bool:
             return False
         mapping = mapping[part]
     return isinstance(mapping, dict) and last in mapping
-
-
-def _is_reference(raw: dict[str, Any], row: Row) -> bool:
-    """Whether `raw` holds the reference key of `row` (a loss counts only as `{type: ...}`)."""
-    if not _has(raw, row.reference):
-        return False
-    container = ".".join(row.reference.split(".")[:-1])
-    return container.count(".") == 0 or isinstance(_get(raw, container), dict)
 
 
 @dataclass
@@ -288,7 +296,7 @@ def normalise(raw: dict[str, Any]) -> Normalised:
     problems: list[str] = []
     aliases: dict[str, str] = {}
     lookup: Lookup = lambda path: _get(raw, path)  # noqa: E731
-    present = [row for row in TABLE if _is_reference(raw, row)]
+    present = [row for row in TABLE if _has(raw, row.reference)]
     native = _strip(raw, present, problems)
     given_natively = {f"{s}.{k}" for s, keys in native.items() if isinstance(keys, dict) for k in keys}
     converted: dict[Row, tuple[Any, ...]] = {}

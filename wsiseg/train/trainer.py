@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from wsiseg.config import dump_config, read_config
+from wsiseg.config_types import Config, TrainingConfig
 from wsiseg.engine.predictors import SegmenterPredictor, autocast_dtype
 from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
@@ -97,32 +98,32 @@ def parameter_groups(model: nn.Module, lr: float, backbone_lr: float | None, wei
     return out
 
 
-def build_optimizer(groups: list[dict[str, Any]], training: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict[str, Any]], training: TrainingConfig) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov unless training.nesterov is false), Adam or AdamW over the parameter groups."""
-    name = training["optimizer"]
+    name = training.optimizer
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=training["lr"], momentum=training["momentum"],
-                               nesterov=training["nesterov"] and training["momentum"] > 0)
+        return torch.optim.SGD(groups, lr=training.lr, momentum=training.momentum,
+                               nesterov=training.nesterov and training.momentum > 0)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=training["lr"])
-    return torch.optim.AdamW(groups, lr=training["lr"])
+        return torch.optim.Adam(groups, lr=training.lr)
+    return torch.optim.AdamW(groups, lr=training.lr)
 
 
-def lr_factor(step: int, training: dict[str, Any], steps_per_epoch: int) -> float:
+def lr_factor(step: int, training: TrainingConfig, steps_per_epoch: int) -> float:
     """Learning-rate multiplier at optimiser step `step`: linear warmup, then cosine, step or poly."""
-    total = max(1, training["epochs"] * steps_per_epoch)
-    warmup = min(int(round(training["warmup_epochs"] * steps_per_epoch)), total - 1)
+    total = max(1, training.epochs * steps_per_epoch)
+    warmup = min(int(round(training.warmup_epochs * steps_per_epoch)), total - 1)
     if step < warmup:
         return (step + 1) / (warmup + 1)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    floor = training["min_lr_ratio"]
-    kind = training["scheduler"]
+    floor = training.min_lr_ratio
+    kind = training.scheduler
     if kind == "cosine":
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     if kind == "poly":
-        return floor + (1 - floor) * (1 - progress) ** training["poly_power"]
+        return floor + (1 - floor) * (1 - progress) ** training.poly_power
     if kind == "step":
-        return training["step_gamma"] ** ((step // steps_per_epoch) // training["step_epochs"])
+        return training.step_gamma ** ((step // steps_per_epoch) // training.step_epochs)
     return 1.0
 
 
@@ -207,22 +208,23 @@ class Trainer:
         from wsiseg.store.masks import default_colors
 
         self.config = config
+        self.cfg = Config.from_dict(config)
         self.device = device
         self.dist = dist
-        self.out = Path(config["logging"]["output_dir"])
-        dataset, training = config["dataset"], config["training"]
-        self.num_classes = dataset["num_classes"]
-        self.class_names = list(dataset["class_names"])
-        self.ignore_index = dataset["ignore_index"]
+        self.out = Path(self.cfg.logging.output_dir)
+        dataset, training = self.cfg.dataset, self.cfg.training
+        self.num_classes = dataset.num_classes
+        self.class_names = list(dataset.class_names)
+        self.ignore_index = dataset.ignore_index
         self.colors = default_colors(self.num_classes)
-        self.dtype = autocast_dtype(device, config["system"]["precision"])
-        transform = TrainTransform(training["crop_size"], training["augmentations"], self.ignore_index)
-        self.train_set = SegmentationDataset(split_entries(dataset["json"], "train"), self.num_classes,
-                                             self.ignore_index, transform, training["repeats"])
-        self.val_set = SegmentationDataset(split_entries(dataset["json"], "val"), self.num_classes, self.ignore_index)
+        self.dtype = autocast_dtype(device, self.cfg.system.precision)
+        transform = TrainTransform(training.crop_size, training.augmentations, self.ignore_index)
+        self.train_set = SegmentationDataset(split_entries(dataset.json, "train"), self.num_classes,
+                                             self.ignore_index, transform, training.repeats)
+        self.val_set = SegmentationDataset(split_entries(dataset.json, "val"), self.num_classes, self.ignore_index)
         check_images(self.train_set, "train")
         check_images(self.val_set, "val")
-        seed_everything(config["system"]["seed"])
+        seed_everything(self.cfg.system.seed)
         model = build_segmenter(config["model"], self.num_classes).to(device)
         model.class_names = self.class_names
         self.model = model
@@ -230,11 +232,11 @@ class Trainer:
         if dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
-        self.criterion = CombinedLoss(training["loss"], self.num_classes, self.ignore_index)
+        self.criterion = CombinedLoss(training.loss, self.num_classes, self.ignore_index)
         self.loader_generator = torch.Generator()
         self.loader = self._loader()
-        self.steps_per_epoch = math.ceil(len(self.loader) / training["grad_accum"])
-        groups = parameter_groups(model, training["lr"], training["backbone_lr"], training["weight_decay"])
+        self.steps_per_epoch = math.ceil(len(self.loader) / training.grad_accum)
+        groups = parameter_groups(model, training.lr, training.backbone_lr, training.weight_decay)
         self.optimizer = build_optimizer(groups, training)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, training, self.steps_per_epoch))
@@ -245,15 +247,15 @@ class Trainer:
         self.best_epoch: int | None = None
 
     def _loader(self) -> torch.utils.data.DataLoader:
-        training, system = self.config["training"], self.config["system"]
+        training, system = self.cfg.training, self.cfg.system
         sampler = None
         if self.dist.enabled:
             sampler = torch.utils.data.distributed.DistributedSampler(
-                self.train_set, self.dist.world, self.dist.rank, shuffle=True, seed=system["seed"])
+                self.train_set, self.dist.world, self.dist.rank, shuffle=True, seed=system.seed)
         return torch.utils.data.DataLoader(
-            self.train_set, batch_size=training["batch_size"], shuffle=sampler is None, sampler=sampler,
-            num_workers=system["num_workers"], generator=self.loader_generator, drop_last=False,
-            pin_memory=self.device.type == "cuda" if system["pin_memory"] is None else system["pin_memory"],
+            self.train_set, batch_size=training.batch_size, shuffle=sampler is None, sampler=sampler,
+            num_workers=system.num_workers, generator=self.loader_generator, drop_last=False,
+            pin_memory=self.device.type == "cuda" if system.pin_memory is None else system.pin_memory,
             persistent_workers=False)
 
     def resume(self, path: Path) -> None:
@@ -277,12 +279,12 @@ class Trainer:
         if self.dist.main:
             lines = "".join(json.dumps(record) + "\n" for record in self.history)
             (self.out / "metrics.jsonl").write_text(lines)
-        log.info("resumed from %s after epoch %d of %d", path, self.epoch, self.config["training"]["epochs"])
+        log.info("resumed from %s after epoch %d of %d", path, self.epoch, self.cfg.training.epochs)
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training loader; returns mean loss, its terms, lr and speed."""
-        training = self.config["training"]
-        accum, clip = training["grad_accum"], training["clip_grad"]
+        training = self.cfg.training
+        accum, clip = training.grad_accum, training.clip_grad
         self.net.train()
         if isinstance(self.loader.sampler, torch.utils.data.distributed.DistributedSampler):
             self.loader.sampler.set_epoch(epoch)
@@ -290,7 +292,7 @@ class Trainer:
         totals: dict[str, float] = {}
         loss_sum, images, started = 0.0, 0, time.perf_counter()
         batches = len(self.loader)
-        with progress_bar(len(self.loader.sampler), f"epoch {epoch + 1}/{training['epochs']}", unit="img",
+        with progress_bar(len(self.loader.sampler), f"epoch {epoch + 1}/{training.epochs}", unit="img",
                           disable=not self.dist.main, fields={"loss": ".4f", "lr": ".2e"}) as advance:
             for index, batch in enumerate(self.loader):
                 image = batch["image"].to(self.device, non_blocking=True)
@@ -316,7 +318,7 @@ class Trainer:
                 for name, term in self.criterion.last.items():
                     totals[name] = totals.get(name, 0.0) + term * image.shape[0]
                 advance(image.shape[0], loss=loss_sum / images, lr=self.optimizer.param_groups[0]["lr"])
-                if self.dist.main and (index + 1) % self.config["logging"]["log_every"] == 0:
+                if self.dist.main and (index + 1) % self.cfg.logging.log_every == 0:
                     log.debug("epoch %d batch %d/%d loss %.4f", epoch + 1, index + 1, batches, value)
         seconds = time.perf_counter() - started
         return {
@@ -333,22 +335,22 @@ class Trainer:
 
         from wsiseg.train.plots import sample_panel
 
-        validation = self.config["validation"]
+        validation = self.cfg.validation
         self.model.eval()
         accumulator = MetricAccumulator(self.num_classes, self.ignore_index, self.class_names)
-        predict = SegmenterPredictor(self.model, self.class_names, self.colors, self.config["system"]["precision"]).predict
-        visualization = self.config["visualization"]
-        last = epoch + 1 == self.config["training"]["epochs"]
-        shown = visualization["num_samples"] if (epoch + 1) % visualization["every"] == 0 or last else 0
+        predict = SegmenterPredictor(self.model, self.class_names, self.colors, self.cfg.system.precision).predict
+        visualization = self.cfg.visualization
+        last = epoch + 1 == self.cfg.training.epochs
+        shown = visualization.num_samples if (epoch + 1) % visualization.every == 0 or last else 0
         for index in range(len(self.val_set.entries)):
             image, mask = self.val_set.load(index)
-            scores = predict_image(to_tensor(image, self.device), predict, validation["mode"],
-                                   self.config["model"]["input_size"], self.model.input_multiple,
-                                   validation["overlap"], validation["blend"], validation["batch_size"])
+            scores = predict_image(to_tensor(image, self.device), predict, validation.mode,
+                                   self.cfg.model.input_size, self.model.input_multiple,
+                                   validation.overlap, validation.blend, validation.batch_size)
             labels = scores.argmax(0).cpu().numpy()
             accumulator.update(labels, mask)
             if index < shown:
-                panel = sample_panel(image, mask, labels, self.colors, self.config["visualization"]["alpha"],
+                panel = sample_panel(image, mask, labels, self.colors, self.cfg.visualization.alpha,
                                      self.ignore_index)
                 name = f"epoch{epoch + 1:03d}_{self.val_set.name(index)}.png"
                 Image.fromarray(panel).save(self.out / "visualizations" / name)
@@ -376,17 +378,17 @@ class Trainer:
         from wsiseg.models.checkpoint import save_checkpoint
         from wsiseg.train.plots import plot_history
 
-        training, validation = self.config["training"], self.config["validation"]
-        metric = validation["metric"]
-        seed = self.config["system"]["seed"]
-        while self.epoch < training["epochs"]:
+        training, validation = self.cfg.training, self.cfg.validation
+        metric = validation.metric
+        seed = self.cfg.system.seed
+        while self.epoch < training.epochs:
             epoch = self.epoch
             # each epoch is seeded from (seed, epoch): a resumed run draws the same crops and augmentations
             seed_everything(seed + 1000 * (epoch + 1) + self.dist.rank)
             self.loader_generator.manual_seed(seed + epoch)
             record: dict[str, Any] = {"epoch": epoch + 1, **self.train_one_epoch(epoch)}
             self.epoch = epoch + 1
-            validate = self.epoch % validation["every"] == 0 or self.epoch == training["epochs"]
+            validate = self.epoch % validation.every == 0 or self.epoch == training.epochs
             if validate and self.dist.main:
                 started = time.perf_counter()
                 record["val"] = self.validate(epoch)
@@ -408,7 +410,7 @@ class Trainer:
                 with open(self.out / "metrics.jsonl", "a") as handle:
                     handle.write(json.dumps(record) + "\n")
                 val_text = f" | val {format_metrics(record['val'], tuple(dict.fromkeys((metric, *HISTORY_METRICS))))}" if "val" in record else ""
-                log.info("epoch %d/%d loss %.4f (%s) lr %.2e %.1f img/s%s", self.epoch, training["epochs"],
+                log.info("epoch %d/%d loss %.4f (%s) lr %.2e %.1f img/s%s", self.epoch, training.epochs,
                          record["train_loss"], " ".join(f"{k} {v:.4f}" for k, v in record["loss_terms"].items()),
                          next(iter(record["lr"].values())), record["train_images_per_s"], val_text)
             self.dist.barrier()
@@ -422,8 +424,8 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
 
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
-            raise WsisegError(f"output folder {out} already holds a run: pass --resume {out}/checkpoints/last.pth to "
-                              "continue it, --overwrite to replace it, or set logging.output_dir")
+            raise WsisegError(f"output folder {out} already holds a run: pass --resume {out} to "
+                              "continue it, --overwrite to replace it, or set logging.output_dir (log_dir/experiment_name)")
         remove(out)
     for sub in ("checkpoints", "visualizations"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -433,7 +435,8 @@ def train_model(config: str | Path | dict[str, Any], resume: str | Path | None =
                 overwrite: bool = False, options: Sequence[str] = ()) -> dict[str, Any]:
     """Train a segmenter from a YAML config (path or raw mapping, either dialect); returns a summary of the run.
 
-    `resume` continues a run from its checkpoints/last.pth; `device` overrides system.device;
+    `resume` continues a run from its checkpoints/last.pth (or the run folder holding it);
+    `device` overrides system.device;
     `options` are `key.path=value` overrides (values parsed as YAML) applied before validation.
     """
     from wsiseg.config import apply_options, check_config
@@ -446,6 +449,10 @@ def train_model(config: str | Path | dict[str, Any], resume: str | Path | None =
         config["system"]["device"] = device
     if resume is not None:
         from wsiseg.models.checkpoint import read_checkpoint
+
+        resume = Path(resume)
+        if resume.is_dir():
+            resume = resume / "checkpoints" / "last.pth" if (resume / "checkpoints").is_dir() else resume / "last.pth"
 
         check_compatible(read_checkpoint(resume)["config"], config, Path(resume))
     dist = Distributed()
