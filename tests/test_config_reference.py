@@ -328,3 +328,17 @@ def test_readme_table_lists_every_reference_key() -> None:
     table = readme[readme.index("### The reference dialect"):]
     for row in TABLE:
         assert row.reference.rsplit(".", 1)[1] in table, row.reference
+
+
+def test_odd_values_give_one_problem_each(dataset: Path, tmp_path: Path) -> None:
+    raw = base(dataset, tmp_path, model={"pfm_name": 3}, validation={"augmentation": None},
+               training={"augmentation": [64], "optimizer": "AdamW", "scheduler": "Cosine"})
+    with pytest.raises(WsisegError) as error:
+        read(raw)
+    message = str(error.value)
+    assert "2 problems" in message  # no "missing model.name" after the refused pfm_name
+    assert "model.pfm_name must be a model name, got 3" in message
+    assert "training.augmentation must be a mapping of its keys, got [64]" in message
+    raw["model"]["pfm_name"], raw["training"]["augmentation"] = "lunit_vits8", {}
+    config = read(raw)  # native names in any case too; empty reference mappings are fine
+    assert (config["training"]["optimizer"], config["training"]["scheduler"]) == ("adamw", "cosine")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from tests.ome_zarr_check import validate
 from wsiseg.store.masks import PROGRESS_FILE, MaskStore, class_counts, level_shapes, mode_downsample
 
 
@@ -68,11 +69,17 @@ def test_write_in_stripes_resume_and_pyramid(tmp_path: Path) -> None:
     assert areas["stroma"] == counts[2] * (2.0 / 1000) ** 2
     assert done.origin == (10, 20) and done.slide_mpp == 0.5
 
+    validate(path, "label")  # with its probabilities array beside the levels
     ome = zarr.open_group(str(path), mode="r").attrs["ome"]
     assert ome["version"] == "0.5"
+    assert ome["multiscales"][0]["type"] == "mode" and ome["image-label"]["version"] == "0.5"
+    # translations in slide micrometres: origin (10, 20) px of 0.5 µm; a level-2 pixel (8 µm) is
+    # centred on the four 2 µm pixels it covers, 3 µm past the first one's centre
     datasets = ome["multiscales"][0]["datasets"]
     assert [d["path"] for d in datasets] == ["0", "1", "2"]
     assert datasets[2]["coordinateTransformations"][0]["scale"] == [8.0, 8.0]
+    assert datasets[0]["coordinateTransformations"][1]["translation"] == [20 * 0.5, 10 * 0.5]
+    assert datasets[2]["coordinateTransformations"][1]["translation"] == [20 * 0.5 + 3.0, 10 * 0.5 + 3.0]
     assert [p["class"] for p in ome["image-label"]["properties"]] == ["background", "tumour", "stroma"]
     assert ome["image-label"]["colors"][0]["rgba"][3] == 0 and ome["image-label"]["colors"][1]["rgba"][3] == 255
 

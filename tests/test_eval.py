@@ -78,7 +78,7 @@ def test_tile_index_and_geojson(mask: tuple[Path, np.ndarray], tmp_path: Path) -
 
     geojson = write_geojson(MaskStore.open(path), tmp_path / "regions.geojson", simplify=0.0)
     result = evaluate_mask(path, geojson)
-    # polygons traced through pixel-edge midpoints contain exactly the pixel centres of their class
+    # polygons along the pixel edges contain exactly the pixel centres of their class
     assert result["metrics"]["pixel_acc"] == 1.0 and result["metrics"]["pixels"] == int((labels > 0).sum())
 
 

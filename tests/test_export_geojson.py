@@ -12,7 +12,7 @@ from PIL import Image
 from shapely.geometry import shape
 
 from wsiseg.errors import WsisegError
-from wsiseg.export.geojson import class_polygons
+from wsiseg.export.geojson import coverage_faces
 from wsiseg.export.mask import export_mask
 from wsiseg.store.masks import MaskStore
 
@@ -35,41 +35,137 @@ def _store(path: Path, labels: np.ndarray) -> MaskStore:
     return store
 
 
-def test_band_tracing_equals_whole_tracing() -> None:
+def _blobby(height: int, width: int, seed: int) -> np.ndarray:
+    """Irregular tissue-like regions of three classes plus small round 'nuclei' of a fourth."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.standard_normal((height, width)), 12)
+    labels = np.digitize(field, np.quantile(field, [0.3, 0.6, 0.85])).astype(np.uint8)
+    rows, cols = np.ogrid[:height, :width]
+    for y, x, r in zip(rng.integers(0, height, 150), rng.integers(0, width, 150), rng.uniform(1.5, 5, 150)):
+        labels[(rows - y) ** 2 + (cols - x) ** 2 <= r * r] = 4
+    return labels
+
+
+def _blobby_store(path: Path, labels: np.ndarray) -> MaskStore:
+    store = MaskStore.create(path, labels.shape[1], labels.shape[0], mpp=1.0,
+                             class_names=["bg", "tumour", "stroma", "fat", "nuclei"],
+                             slide_mpp=0.25, origin=(1000, 2000), chunk=64)
+    store.write_rows(0, labels)
+    store.finish()
+    return store
+
+
+def _shapes(path: Path) -> tuple[list, list[str], list[dict]]:
+    features = json.loads(path.read_text())["features"]
+    return [shape(f["geometry"]) for f in features], [f["properties"]["classification"]["name"] for f in features], features
+
+
+def _to_level_pixels(geometry, store: MaskStore, level: int):
+    """Slide level-0 pixels back to pixels of a mask level (the inverse of the export's transform)."""
+    scale = 2**level * store.mpp / store.slide_mpp
+    return shapely.transform(geometry, lambda xy: (xy - np.asarray(store.origin)) / scale)
+
+
+def test_faces_are_an_exact_coverage_whatever_the_bands() -> None:
     labels = _labels()
-    whole = class_polygons(labels, 1, band_rows=1000)
+    whole, whole_labels = coverage_faces(labels, band_rows=1000)
+    assert shapely.coverage_is_valid(whole)
+    assert shapely.area(whole).sum() == labels.size  # no gaps, no overlaps over the whole raster
+    for value in range(3):
+        assert shapely.area(whole[whole_labels == value]).sum() == (labels == value).sum()  # exact pixel counts
     for band in (1, 7, 16):
-        banded = class_polygons(labels, 1, band_rows=band)
-        assert banded.is_valid
-        assert shapely.symmetric_difference(whole, banded).area == pytest.approx(0, abs=1e-9)
-        assert len(banded.geoms) == len(whole.geoms) == 3  # seams dissolved: no extra pieces
-    # marching squares cut half-pixel corners, so the area is within a pixel per corner of the count
-    assert abs(whole.area - (labels == 1).sum()) < 4
+        faces, values = coverage_faces(labels, band_rows=band)
+        assert shapely.coverage_is_valid(faces) and len(faces) == len(whole)  # band seams leave no pieces
+        for value in range(3):
+            a, b = shapely.union_all(faces[values == value]), shapely.union_all(whole[whole_labels == value])
+            assert shapely.symmetric_difference(a, b).area == 0
 
 
 def test_geojson_export(tmp_path: Path) -> None:
     labels = _labels()
-    _store(tmp_path / "mask.zarr", labels)
+    store = _store(tmp_path / "mask.zarr", labels)
     out = export_mask(tmp_path / "mask.zarr", "geojson")
     assert out == tmp_path / "mask.geojson"
-    features = json.loads(out.read_text())["features"]
+    geometries, names, features = _shapes(out)
     by_class: dict[str, list] = {}
-    for feature in features:
-        geometry = shape(feature["geometry"])
+    for geometry, name, feature in zip(geometries, names, features):
         assert geometry.is_valid and geometry.geom_type == "Polygon"
-        by_class.setdefault(feature["properties"]["classification"]["name"], []).append(geometry)
+        assert shapely.is_ccw(geometry.exterior)  # RFC 7946
+        properties = feature["properties"]
+        assert properties["objectType"] == "annotation"
+        assert properties["classification"]["color"] == list(store.colors[store.class_names.index(name)])
+        # QuPath's area measurement, in µm² (slide pixels of 0.5 µm)
+        assert properties["measurements"]["Area µm^2"] == pytest.approx(geometry.area * 0.25, rel=1e-6)
+        by_class.setdefault(name, []).append(geometry)
     assert sorted(by_class) == ["stroma", "tumour"]
     assert len(by_class["tumour"]) == 3 and len(by_class["stroma"]) == 1
     assert sum(len(p.interiors) for p in by_class["tumour"]) == 1
     assert len(by_class["stroma"][0].interiors) == 1
-    # mask px -> slide level-0 px: x 4 (2.0 / 0.5 MPP), plus the bounds origin
+    assert shapely.coverage_is_valid(np.array(geometries))
+    # mask px -> slide level-0 px: x 4 (2.0 / 0.5 MPP), plus the bounds origin; rectangles stay exact
     stroma = by_class["stroma"][0]
-    minx, miny, maxx, maxy = stroma.bounds
-    assert minx == pytest.approx(100 + 30 * 4, abs=2.5) and maxx == pytest.approx(100 + 65 * 4, abs=2.5)
-    assert miny == pytest.approx(50 + 62 * 4, abs=2.5) and maxy == pytest.approx(50 + 85 * 4, abs=2.5)
-    assert stroma.area == pytest.approx(((labels == 2).sum()) * 16, rel=0.03)
+    assert stroma.bounds == (100 + 30 * 4, 50 + 62 * 4, 100 + 65 * 4, 50 + 85 * 4)
+    assert stroma.area == (labels == 2).sum() * 16
     with pytest.raises(WsisegError, match="already exists"):
         export_mask(tmp_path / "mask.zarr", "geojson")
+
+
+@pytest.mark.parametrize("level", [None, 1])
+def test_class_areas_match_the_mask_and_classes_never_overlap(tmp_path: Path, level: int | None) -> None:
+    labels = _blobby(600, 520, seed=4)
+    store = _blobby_store(tmp_path / "mask.zarr", labels)
+    traced = store.level(level or 0)[:]
+    factor = 4 ** (level or 0)  # level pixels in level-0 mask pixels
+    exact_vertices = shapely.get_num_coordinates(coverage_faces(traced)[0]).sum()
+    for simplify in (0.0, 1.0 * 2 ** (level or 0)):  # the default (off), and one traced pixel
+        out = export_mask(tmp_path / "mask.zarr", "geojson", tmp_path / f"{simplify}.geojson", level=level,
+                          simplify=simplify)
+        geometries, names, features = _shapes(out)
+        assert shapely.coverage_is_valid(np.array(geometries))
+        union = shapely.union_all(geometries)
+        assert union.area == pytest.approx(sum(g.area for g in geometries), rel=1e-9)  # no overlaps
+        for index, name in enumerate(store.class_names[1:], start=1):
+            area_um2 = sum(f["properties"]["measurements"]["Area µm^2"] for f, n in zip(features, names) if n == name)
+            expected_um2 = (traced == index).sum() * factor * store.mpp**2
+            if level is None:
+                assert expected_um2 == store.pixel_counts[index] * store.mpp**2
+            if simplify == 0:
+                assert area_um2 == pytest.approx(expected_um2, rel=1e-9), name
+            elif name != "nuclei":  # simplifying changes the area of regions a few pixels across most
+                assert area_um2 == pytest.approx(expected_um2, rel=0.01), name
+        vertices = sum(shapely.get_num_coordinates(geometries))
+        assert vertices < (0.6 * exact_vertices if simplify else exact_vertices)
+
+
+def test_unsimplified_polygons_fall_on_the_level_grid_and_rasterize_back(tmp_path: Path) -> None:
+    from wsiseg.engine.evaluate import IGNORE, geojson_pair
+
+    labels = _blobby(300, 260, seed=5)
+    store = _blobby_store(tmp_path / "mask.zarr", labels)
+    coarse = export_mask(tmp_path / "mask.zarr", "geojson", tmp_path / "level1.geojson", level=1)
+    for geometry in _shapes(coarse)[0]:
+        corners = shapely.get_coordinates(_to_level_pixels(geometry, store, 1))
+        assert np.array_equal(corners, np.round(corners))  # exactly 2^L mask pixels per level-L pixel
+    # read back by wsiseg eval's rasterizer (pixel centres), level 0's polygons are the mask
+    prediction, target = geojson_pair(store, export_mask(tmp_path / "mask.zarr", "geojson"))
+    annotated = target != IGNORE
+    assert np.array_equal(prediction[annotated], target[annotated])
+    assert annotated.sum() == (prediction > 0).sum()  # and every labelled pixel is annotated
+
+
+def test_min_area_merges_small_regions_into_their_neighbours(tmp_path: Path) -> None:
+    labels = _blobby(400, 360, seed=6)
+    _blobby_store(tmp_path / "mask.zarr", labels)
+    out = export_mask(tmp_path / "mask.zarr", "geojson", simplify=0, min_area=40.0)
+    geometries, names, _ = _shapes(out)
+    assert shapely.coverage_is_valid(np.array(geometries))
+    assert min(g.area for g in geometries) * 0.25**2 >= 40.0  # slide px of 0.25 µm
+    nuclei = [g for g, n in zip(geometries, names) if n == "nuclei"]
+    assert 0 < len(nuclei) < len(coverage_faces(labels)[0][coverage_faces(labels)[1] == 4])
+    with pytest.raises(WsisegError, match="--level 9"):
+        export_mask(tmp_path / "mask.zarr", "geojson", tmp_path / "x.geojson", level=9)
 
 
 def test_overlay_and_tiff_exports(tmp_path: Path) -> None:
@@ -82,7 +178,7 @@ def test_overlay_and_tiff_exports(tmp_path: Path) -> None:
     assert image.shape[0] >= 90 and image.shape[1] > 70  # the mask plus a legend on its right
     tif = export_mask(tmp_path / "mask.zarr", "tiff")
     with openslide.OpenSlide(str(tif)) as slide:
-        assert slide.dimensions == (70, 90)
+        assert slide.dimensions == (256, 256)  # padded to one whole tile
         assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(2.0)
     with pytest.raises(WsisegError, match="format"):
         export_mask(tmp_path / "mask.zarr", "jpeg")

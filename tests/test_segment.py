@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import zarr
 import pytest
 import torch
 from PIL import Image
@@ -73,6 +74,8 @@ def test_cmu_slide_end_to_end(samples: dict[str, Path], checkpoint: Path, tmp_pa
     import openslide
     import tifffile
 
+    from wsiseg.export.tiff import exact_level_shapes
+
     out = tmp_path / "cmu"
     summary = segment_slide(samples["cmu_svs"], checkpoint, out, mpp=2.0, workers=1, batch_size=16,
                             show_progress=False)
@@ -81,13 +84,16 @@ def test_cmu_slide_end_to_end(samples: dict[str, Path], checkpoint: Path, tmp_pa
     store = MaskStore.open(out / "mask.zarr")
     assert store.is_complete and store.level(0).shape == (height, width)
     with openslide.OpenSlide(str(out / "mask.tif")) as mask:
-        assert mask.level_count >= 3 and mask.dimensions == (width, height)
+        # padded to exact halves, no level narrower than a 256 px tile
+        shapes = exact_level_shapes(height, width, 256, store.num_levels)
+        assert mask.level_dimensions == tuple((w, h) for h, w in shapes) and mask.level_count >= 2
         assert float(mask.properties["openslide.mpp-x"]) == pytest.approx(2.0)
-        level0 = np.asarray(mask.read_region((0, 0), 0, (width, height)).convert("RGB"))
-    expected_rgb = np.asarray(store.colors, np.uint8)[store.level(0)[:]]
-    assert np.array_equal(level0, expected_rgb)  # the palette TIFF shows the labels in their colours
+        for level in range(mask.level_count):
+            labels = store.level(level)[:]
+            grey = np.asarray(mask.read_region((0, 0), level, labels.shape[::-1]))[..., 0]
+            assert np.array_equal(grey, labels)  # min-is-black labels read back exactly at every level
     with tifffile.TiffFile(out / "mask.ome.tif") as tif:
-        assert tif.is_ome and len(tif.series[0].levels) == store.num_levels
+        assert tif.is_ome and len(tif.series[0].levels) == len(shapes)
     assert Image.open(out / "overlay.png").size[1] >= min(height, 2048)
     written = json.loads((out / "summary.json").read_text())
     assert written["windows_run"] == written["windows_tissue"] == summary["windows_tissue"] > 0
@@ -219,6 +225,35 @@ def test_tile_store_input(samples: dict[str, Path], checkpoint: Path, tmp_path: 
     assert (a == b).mean() > 0.95
     with pytest.raises(WsisegError, match="MPP"):
         segment_slide(store_path, checkpoint, tmp_path / "wrong", mpp=2.0, exports=(), show_progress=False)
+
+    # the labels go inside the store, as the spec places them: one level per image level
+    from tests.ome_zarr_check import validate
+    from wsiseg.export.mask import export_mask
+
+    validate(tmp_path / "from_slide" / "mask.zarr", "label")  # a stand-alone label image of the slide
+    labels_path = export_mask(tmp_path / "from_store" / "mask.zarr", "labels")
+    assert labels_path == store_path / "labels" / "segmentation"
+    image = validate(store_path, "image")
+    label = validate(labels_path, "label")
+    assert label.attributes.ome.image_label.source.image == "../../"
+    image_levels = image.attributes.ome.multiscales[0].datasets
+    label_levels = label.attributes.ome.multiscales[0].datasets
+    assert len(label_levels) == len(image_levels) >= 3
+    for image_level, label_level in zip(image_levels, label_levels):  # same pixels in space, level by level
+        image_transforms = [list(t.scale if t.type == "scale" else t.translation)[1:] for t in
+                            image_level.coordinateTransformations]
+        label_transforms = [list(t.scale if t.type == "scale" else t.translation) for t in
+                            label_level.coordinateTransformations]
+        assert image_transforms == label_transforms
+    source = MaskStore.open(tmp_path / "from_store" / "mask.zarr")
+    copied = zarr.open_group(str(labels_path), mode="r")
+    for level in range(source.num_levels):
+        assert np.array_equal(copied[str(level)][:], source.level(level)[:])
+    assert zarr.open_group(str(store_path / "labels"), mode="r").attrs["ome"]["labels"] == ["segmentation"]
+    with pytest.raises(WsisegError, match="already exists"):
+        export_mask(tmp_path / "from_store" / "mask.zarr", "labels")
+    with pytest.raises(WsisegError, match="not a tile store"):
+        export_mask(tmp_path / "from_slide" / "mask.zarr", "labels")
 
 
 def test_several_slides_on_a_dask_cluster(he_png: Path, samples: dict[str, Path], checkpoint: Path,

@@ -62,7 +62,16 @@ def test_segment_png_export_and_eval(material: dict[str, Path]) -> None:
     result = run_cli("eval", out / "mask.zarr", "--annotations", out / "mask.geojson", "--json")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)["metrics"]
-    assert metrics["pixel_acc"] > 0.95  # the simplified polygons of the mask itself
+    assert metrics["pixel_acc"] == 1.0  # the polygons of the mask itself, along its pixel edges
+
+    coarse = out / "coarse.geojson"
+    result = run_cli("export", out / "mask.zarr", "--format", "geojson", "--out", coarse, "--level", "1",
+                     "--simplify", "4", "--min-area", "40")
+    assert result.returncode == 0, result.stderr
+    areas = [f["properties"]["measurements"]["Area µm^2"] for f in json.loads(coarse.read_text())["features"]]
+    assert areas and min(areas) >= 40
+    assert_user_error(run_cli("export", out / "mask.zarr", "--format", "geojson", "--out", out / "x.geojson",
+                              "--level", "99"), "--level 99", "0..")
 
     assert_user_error(run_cli("export", out / "mask.zarr", "--format", "geojson"), "already exists", "--overwrite")
     same = run_cli("segment", material["png"], "--slide-mpp", "2", "--checkpoint", material["checkpoint"],

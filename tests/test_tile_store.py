@@ -11,10 +11,12 @@ import pytest
 import zarr
 from PIL import Image
 
+from tests.ome_zarr_check import validate, walk_without_warnings
 from tests.test_slide_reader import CMU_SIZES, openslide_on_white
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import TEMPORARY_GLOB, partial_path, temporary_sibling
 from wsiseg.slide import open_slide
+from wsiseg.store.masks import level_shapes
 from wsiseg.store.tiles import TileStore
 from wsiseg.store.tiling import tile_slide, tile_slides
 
@@ -63,9 +65,28 @@ def test_store_is_self_describing(base_store, samples):
     assert store.origin == (0, 0) and store.slide_mpp == pytest.approx(0.499)
     assert store.tissue.shape == (370, 277) and 0.25 < store.tissue.fraction < 0.5
     assert store.attrs["grid"] == {"tile": 512, "rows": 6, "columns": 5, "tissue_tiles": len(store.tissue_tiles())}
+    # the QC picture and the log live beside the store: inside, zarr would warn on every open
+    assert store.qc_picture == store.path.with_name("cmu.qc.png")
     with Image.open(store.qc_picture) as picture:
         assert picture.size[0] > 500
-    assert (store.path / "tile.log").read_text().count("tissue tiles") == 1
+    assert store.path.with_name("cmu.tile.log").read_text().count("tissue tiles") == 1
+    assert walk_without_warnings(store.path)[:2] == ["0", "1"]
+
+
+def test_store_is_a_valid_ome_zarr_pyramid(base_store):
+    model = validate(base_store.path, "image")
+    group = zarr.open_group(str(base_store.path), mode="r")
+    shapes = level_shapes(base_store.height, base_store.width)
+    assert len(model.attributes.ome.multiscales[0].datasets) == len(shapes) == 6
+    for level, (height, width) in enumerate(shapes):
+        assert group[str(level)].shape == (3, height, width)
+        transforms = group.attrs["ome"]["multiscales"][0]["datasets"][level]["coordinateTransformations"]
+        assert transforms[0]["scale"] == [1.0, 0.499 * 2**level, 0.499 * 2**level]
+    # level 1 is the rounded 2x2 mean of level 0 (checked on a corner with tissue and white)
+    level0 = np.asarray(group["0"][:, 1000:1200, 1000:1200]).astype(np.float64)
+    mean = level0.reshape(3, 100, 2, 100, 2).mean(axis=(2, 4))
+    assert np.abs(np.asarray(group["1"][:, 500:600, 500:600]) - mean).max() <= 0.5
+    assert np.asarray(group["5"]).min() < 200  # tissue reaches the coarsest level
 
 
 def test_store_reads_like_a_slide(base_store):
@@ -123,7 +144,7 @@ def test_resume_writes_only_missing_chunks(samples, tmp_path):
     assert not list(out.rglob(TEMPORARY_GLOB))
     assert np.array_equal(np.asarray(resumed.array[...]), expected)
     assert {p: resumed.chunk_file(*p).stat().st_mtime_ns for p in kept} == kept
-    assert "4 to write" in (out / "tile.log").read_text()
+    assert "4 to write" in out.with_name("cmu.tile.log").read_text()
 
 
 def test_existing_and_mismatched_outputs(samples, tmp_path):

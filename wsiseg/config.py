@@ -76,6 +76,8 @@ def _check_value(where: str, key: Key, value: Any, problems: _Problems) -> Any:
     if not isinstance(value, key.types):
         problems.add(f"{where} must be {_type_name(key.types)}, got {value!r}")
         return value
+    if key.choices is not None and isinstance(value, str) and value not in key.choices and value.lower() in key.choices:
+        value = value.lower()  # SGD, AdamW, Cosine: the reference writes names in any case
     if key.choices is not None and value not in key.choices:
         problems.add(f"{where} is {value!r}; choose one of {', '.join(map(str, key.choices))}{_suggest(value, key.choices)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -86,8 +88,10 @@ def _check_value(where: str, key: Key, value: Any, problems: _Problems) -> Any:
     return value
 
 
-def _fill_section(name: str, given: Any, problems: _Problems, aliases: dict[str, str]) -> dict[str, Any]:
-    """One section with defaults filled; `aliases` names native keys after the reference keys they came from."""
+def _fill_section(name: str, given: Any, problems: _Problems, aliases: dict[str, str],
+                  unreadable: set[str]) -> dict[str, Any]:
+    """One section with defaults filled; `aliases` names native keys after the reference keys they came from,
+    `unreadable` holds native keys whose reference value was refused already (not reported missing again)."""
     from wsiseg.config_reference import nested_home, reference_keys
 
     schema = SCHEMA[name]
@@ -99,6 +103,9 @@ def _fill_section(name: str, given: Any, problems: _Problems, aliases: dict[str,
     reference = reference_keys()
     out: dict[str, Any] = {}
     for key, value in given.items():
+        if key not in schema and key in reference.get(name, ()):
+            problems.add(f"{name}.{key} must be a mapping of its keys, got {value!r}")
+            continue
         if key not in schema:
             home = [section for section, keys in SCHEMA.items() if key in keys and section != name]
             home += [section for section, keys in reference.items() if key in keys and section != name]
@@ -118,9 +125,9 @@ def _fill_section(name: str, given: Any, problems: _Problems, aliases: dict[str,
     for key, spec in schema.items():
         if key in out:
             continue
-        if spec.default is REQUIRED:
+        if spec.default is REQUIRED and f"{name}.{key}" not in unreadable:
             problems.add(f"missing required key '{name}.{key}'")
-        else:
+        elif spec.default is not REQUIRED:
             out[key] = copy.deepcopy(spec.default)
     return out
 
@@ -270,7 +277,7 @@ def check_config(raw: Any, base_dir: Path | str = ".", source: str = "config",
     for section in raw:
         if section not in SCHEMA:
             problems.add(f"unknown section '{section}'{_suggest(section, tuple(SCHEMA))}")
-    config = {name: _fill_section(name, raw.get(name), problems, aliases) for name in SCHEMA}
+    config = {name: _fill_section(name, raw.get(name), problems, aliases, normalised.unreadable) for name in SCHEMA}
     training = config["training"]
     training["loss"] = _check_loss(training.get("loss"), problems)
     training["augmentations"] = _check_augmentations(training.get("augmentations"), problems)

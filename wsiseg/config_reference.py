@@ -235,6 +235,7 @@ class Normalised:
     notes: list[str]
     problems: list[str]
     aliases: dict[str, str]
+    unreadable: set[str]
 
 
 def _set(native: dict[str, Any], path: str, value: Any) -> None:
@@ -267,6 +268,8 @@ def _strip(raw: dict[str, Any], present: list[Row], problems: list[str]) -> dict
             _pop(native, row.reference)
     for container in CONTAINERS:
         value = _get(raw, container)
+        if value is None and _has(native, container):
+            _pop(native, container)  # an empty mapping in the YAML
         if not isinstance(value, dict):
             continue
         known = [row.reference.rsplit(".", 1)[1] for row in TABLE if row.reference.startswith(container + ".")]
@@ -300,11 +303,13 @@ def normalise(raw: dict[str, Any]) -> Normalised:
     native = _strip(raw, present, problems)
     given_natively = {f"{s}.{k}" for s, keys in native.items() if isinstance(keys, dict) for k in keys}
     converted: dict[Row, tuple[Any, ...]] = {}
+    unreadable: set[str] = set()
     for row in present:
         try:
             converted[row] = (row.convert or _same)(lookup(row.reference), lookup)
         except _Bad as bad:
             problems.append(str(bad))
+            unreadable.update(row.native)
     written: dict[str, str] = {}
     shown: dict[Row, list[str]] = {row: [] for row in converted}
     for soft_pass in (False, True):
@@ -324,7 +329,7 @@ def normalise(raw: dict[str, Any]) -> Normalised:
                 aliases.setdefault(path, row.reference)
                 shown[row].append(f"{path} {value!r}")
     notes = [f"{row.reference} {lookup(row.reference)!r} -> {', '.join(parts)}" for row, parts in shown.items() if parts]
-    return Normalised(native, notes, problems, aliases)
+    return Normalised(native, notes, problems, aliases, unreadable)
 
 
 def drop_counterparts(raw: dict[str, Any], path: str) -> None:

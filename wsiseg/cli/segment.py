@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-EXPORT_FORMATS = ("tiff", "ome-tiff", "geojson", "png")
+EXPORT_FORMATS = ("tiff", "palette-tiff", "ome-tiff", "geojson", "png")
 
 
 @click.command("segment")
@@ -31,7 +31,7 @@ EXPORT_FORMATS = ("tiff", "ome-tiff", "geojson", "png")
 @click.option("--save-probabilities", is_flag=True, help="Also store the blended class probabilities (float16) in mask.zarr.")
 @click.option("--background", default=None, help="Background class name [default: a class named background, else 0].")
 @click.option("--export", "exports", default="tiff,ome-tiff,png", show_default=True,
-              help="Comma-separated exports written next to mask.zarr (tiff, ome-tiff, geojson, png; '' for none).")
+              help="Comma-separated exports written next to mask.zarr (tiff, palette-tiff, ome-tiff, geojson, png; '' for none).")
 @click.option("--clip-to-tissue/--no-clip-to-tissue", default=True, show_default=True,
               help="Give pixels outside the tissue mask the background label, even inside a tissue window.")
 @click.option("--skip-errors", is_flag=True, help="Go on past slides that fail, and list them at the end.")
@@ -61,15 +61,25 @@ def segment_command(
 
 @click.command("export")
 @click.argument("mask", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True)
+@click.option("--format", "fmt", type=click.Choice([*EXPORT_FORMATS, "labels"]), required=True,
+              help="labels: an OME-Zarr label image inside the tile store MASK was segmented from.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Output file [default: mask.tif, mask.ome.tif, mask.geojson or overlay.png next to MASK].")
+              help="Output [default: mask.tif, mask.palette.tif, mask.ome.tif, mask.geojson or overlay.png next "
+                   "to MASK; STORE.zarr/labels/segmentation for labels].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def export_command(mask: Path, fmt: str, out: Path | None, overwrite: bool) -> None:
+@click.option("--level", type=int, default=None,
+              help="GeoJSON: pyramid level to trace [default: the finest of at most 25 Mpx].")
+@click.option("--simplify", type=float, default=0.0, show_default=True,
+              help="GeoJSON: simplification tolerance in µm (0 = off: polygons follow the pixel edges exactly).")
+@click.option("--min-area", type=float, default=0.0, show_default=True,
+              help="GeoJSON: merge regions smaller than this many µm² into their neighbour.")
+def export_command(
+    mask: Path, fmt: str, out: Path | None, overwrite: bool, level: int | None, simplify: float, min_area: float
+) -> None:
     """Export a mask.zarr as a pyramidal TIFF, OME-TIFF, GeoJSON polygons or an overlay PNG."""
     from wsiseg.export.mask import export_mask
 
-    click.echo(str(export_mask(mask, fmt, out, overwrite=overwrite)))
+    click.echo(str(export_mask(mask, fmt, out, overwrite=overwrite, level=level, simplify=simplify, min_area=min_area)))
 
 
 @click.command("eval")

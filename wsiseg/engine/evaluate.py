@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from wsiseg.errors import WsisegError
+from wsiseg.polygons import geometry_polygons, load_features
 from wsiseg.store.masks import MaskStore
 
 IGNORE = 255
@@ -114,20 +115,11 @@ def _feature_class(feature: dict[str, Any]) -> str | int | None:
     return None
 
 
-def _polygons(geometry: dict[str, Any]) -> list[list[list[list[float]]]]:
-    if geometry.get("type") == "Polygon":
-        return [geometry["coordinates"]]
-    if geometry.get("type") == "MultiPolygon":
-        return list(geometry["coordinates"])
-    return []
-
-
 def geojson_pair(store: MaskStore, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(prediction, annotation) over the bounding box of a GeoJSON's polygons, at a mask level that fits."""
     from skimage.draw import polygon as fill_polygon
 
-    document = _load_json(path, "the GeoJSON")
-    features = document.get("features", []) if isinstance(document, dict) else document
+    features = load_features(path, "fix the GeoJSON")
     lookup = {name.lower(): index for index, name in enumerate(store.class_names)}
     shapes = []
     for feature in features:
@@ -146,7 +138,7 @@ def geojson_pair(store: MaskStore, path: Path) -> tuple[np.ndarray, np.ndarray]:
                 f"annotation class {name!r} in {path.name} is not a class of the mask "
                 f"({', '.join(store.class_names)}): rename it"
             )
-        shapes.extend((label, rings) for rings in _polygons(feature.get("geometry") or {}))
+        shapes.extend((label, rings) for rings in geometry_polygons(feature))
     if not shapes:
         raise WsisegError(f"{path} holds no polygons: annotate class regions as polygons")
     points = np.concatenate([np.asarray(rings[0], dtype=np.float64) for _, rings in shapes])

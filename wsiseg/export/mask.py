@@ -3,31 +3,49 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import atomic_output
 from wsiseg.progress import get_logger
-from wsiseg.store.masks import MaskStore
+from wsiseg.store.masks import LABELS_GROUP, MaskStore
 
 log = get_logger("export")
 
 # format -> default file name (next to the mask store)
 FORMATS: dict[str, str] = {
     "tiff": "mask.tif",
+    "palette-tiff": "mask.palette.tif",
     "ome-tiff": "mask.ome.tif",
     "geojson": "mask.geojson",
     "png": "overlay.png",
 }
 
 
-def write_mask_tiff(store: MaskStore, path: Path, flavour: str = "openslide") -> Path:
-    """The mask's pyramid as a tiled pyramidal TIFF (OpenSlide/ASAP flavour, or OME-TIFF with SubIFDs)."""
+LABELS = "labels"  # a label image inside the source tile store, not a file beside the mask
+DEFAULT_LABEL_NAME = "segmentation"
+TIFF_COMPRESSION = "zlib"  # deflate: ASAP, libtiff, OpenSlide 3.4 and 4, Bio-Formats all read it (ASAP refuses zstd)
+
+
+def write_mask_tiff(
+    store: MaskStore, path: Path, flavour: str = "openslide", palette: bool = False, tile: int = 256
+) -> Path:
+    """The mask's pyramid as a tiled pyramidal TIFF of min-is-black labels (or with a colour table).
+
+    Levels are padded with the background label to exact halves (see `wsiseg.export.tiff`).
+    `flavour` "openslide": top-level pages (OpenSlide, ASAP); "ome": OME-TIFF with SubIFDs
+    (QuPath / Bio-Formats). `palette` adds the class colours as a TIFF colour table, which
+    OpenSlide renders but ASAP refuses.
+    """
     from wsiseg.export.tiff import write_pyramidal_tiff
 
     levels = [store.level(index) for index in range(store.num_levels)]
-    colormap = store.colors if levels[0].dtype == np.uint8 else None
-    return write_pyramidal_tiff(path, levels, store.mpp, flavour=flavour, colormap=colormap)
+    return write_pyramidal_tiff(
+        path, levels, store.mpp, flavour=flavour, tile=tile, compression=TIFF_COMPRESSION,
+        colormap=store.colors if palette else None, pad_value=store.background,
+    )
 
 
 def source_thumbnail(store: MaskStore, max_side: int = 2048) -> np.ndarray | None:
@@ -45,20 +63,46 @@ def source_thumbnail(store: MaskStore, max_side: int = 2048) -> np.ndarray | Non
         return None
 
 
-def write_export(store: MaskStore, fmt: str, path: Path, thumbnail: np.ndarray | None = None) -> Path:
-    """Write one export format of `store` to `path` (no existence checks)."""
+def write_export(
+    store: MaskStore, fmt: str, path: Path, thumbnail: np.ndarray | None = None, **geojson: Any
+) -> Path:
+    """Write one export format of `store` to `path` (no existence checks).
+
+    `geojson`: `level`, `simplify` (µm) and `min_area` (µm²) of the GeoJSON tracing.
+    """
     from wsiseg.export.geojson import write_geojson
     from wsiseg.export.overlay import write_overlay
 
     if fmt == "tiff":
         return write_mask_tiff(store, path, "openslide")
+    if fmt == "palette-tiff":
+        return write_mask_tiff(store, path, "openslide", palette=True)
     if fmt == "ome-tiff":
         return write_mask_tiff(store, path, "ome")
     if fmt == "geojson":
-        return write_geojson(store, path)
+        return write_geojson(store, path, **geojson)
     if fmt == "png":
         return write_overlay(store, path, thumbnail if thumbnail is not None else source_thumbnail(store))
     raise WsisegError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def export_labels(store: MaskStore, output: Path | str | None = None, overwrite: bool = False) -> Path:
+    """Write the mask as an OME-Zarr label image inside the tile store it was made from (default name `segmentation`)."""
+    from wsiseg.store.tiles import TileStore
+
+    if output is None:
+        source = Path(store.source or "")
+        try:
+            TileStore.open(source)
+        except WsisegError:
+            raise WsisegError(
+                f"{store.path} was segmented from {source.name or 'an unknown source'}, not a tile store: "
+                "tile the slide (`wsiseg tile`), segment the store, then export its labels"
+            ) from None
+        output = source / LABELS_GROUP / DEFAULT_LABEL_NAME
+    path = store.write_into_image(Path(output), overwrite=overwrite)
+    log.info("wrote %s", path)
+    return path
 
 
 def open_complete(mask: Path | str) -> MaskStore:
@@ -70,15 +114,27 @@ def open_complete(mask: Path | str) -> MaskStore:
 
 
 def export_mask(
-    mask: Path | str, format: str = "tiff", output: Path | str | None = None, overwrite: bool = False
+    mask: Path | str,
+    format: str = "tiff",
+    output: Path | str | None = None,
+    overwrite: bool = False,
+    level: int | None = None,
+    simplify: float = 0.0,
+    min_area: float = 0.0,
 ) -> Path:
-    """Export a mask.zarr as `format` (tiff, ome-tiff, geojson, png) to `output` (default: next to it)."""
+    """Export a mask.zarr as `format` (see FORMATS) to `output` (default: next to it).
+
+    `level`, `simplify` (µm, 0 = off) and `min_area` (µm²) shape the
+    GeoJSON polygons (see `wsiseg.export.geojson`).
+    """
+    if format == LABELS:
+        return export_labels(open_complete(mask), output, overwrite)
     if format not in FORMATS:
-        raise WsisegError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+        raise WsisegError(f"unknown export format {format!r}: use one of {', '.join([*FORMATS, LABELS])}")
     store = open_complete(mask)
     final = Path(output) if output is not None else Path(mask).parent / FORMATS[format]
     with atomic_output(final, overwrite=overwrite, resume=False) as partial:
-        write_export(store, format, partial)
+        write_export(store, format, partial, level=level, simplify=simplify, min_area=min_area)
     log.info("wrote %s", final)
     return final
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from skimage import draw, filters, morphology, segmentation
 
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import atomic_file
+from wsiseg.polygons import geometry_polygons, load_features
 from wsiseg.slide.mask import TissueMask
 from wsiseg.slide.reader import Slide, snap
 
@@ -120,26 +120,8 @@ def _mask_from_png(path: Path, slide: Slide) -> TissueMask:
     return TissueMask(pixels > 0, slide.mpp * bounds.width / cols)
 
 
-def _rings(geometry: dict) -> list[list[list[list[float]]]]:
-    """Polygons (each a list of rings: exterior first, then holes) of a GeoJSON geometry."""
-    kind = geometry.get("type")
-    if kind == "Polygon":
-        return [geometry["coordinates"]]
-    if kind == "MultiPolygon":
-        return list(geometry["coordinates"])
-    if kind == "GeometryCollection":
-        return [polygon for part in geometry.get("geometries", []) for polygon in _rings(part)]
-    return []
-
-
 def _mask_from_geojson(path: Path, slide: Slide, mask_mpp: float | None) -> TissueMask:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise WsisegError(f"mask {path.name} is not valid GeoJSON ({error}); fix or re-export it") from None
-    features = data.get("features", [data]) if isinstance(data, dict) else data
-    geometries = [f.get("geometry", f) for f in features if isinstance(f, dict)]
-    polygons = [polygon for geometry in geometries if geometry for polygon in _rings(geometry)]
+    polygons = [polygon for feature in load_features(path, "fix or re-export it") for polygon in geometry_polygons(feature)]
     if not polygons:
         raise WsisegError(f"mask {path.name} holds no Polygon or MultiPolygon: draw the tissue regions as polygons")
     mpp = mask_mpp_for(slide, mask_mpp)

@@ -24,6 +24,7 @@ from wsiseg.errors import WsisegError
 from wsiseg.outputs import atomic_file
 
 PROGRESS_FILE = "progress.json"
+LABELS_GROUP = "labels"
 LEVEL_MIN_SIZE = 128  # keep halving until both sides fit this
 # colours of labels 1.. when the predictor names none (label 0 is the first entry); the first
 # ones are those that stand out on H&E (no pinks or purples, which vanish on eosin and haematoxylin)
@@ -70,6 +71,24 @@ def level_shapes(height: int, width: int, min_size: int = LEVEL_MIN_SIZE) -> lis
         h, w = shapes[-1]
         shapes.append(((h + 1) // 2, (w + 1) // 2))
     return shapes
+
+
+def level_datasets(levels: int, mpp: float, origin_um: tuple[float, float], channels: bool) -> list[dict[str, Any]]:
+    """OME-Zarr `datasets` of a power-of-two pyramid: level L has pixels of 2^L x `mpp`, centred on the level-0 pixels it covers."""
+    datasets = []
+    for level in range(levels):
+        size = mpp * 2**level
+        shift = (size - mpp) / 2  # pixel centres: level L's first one sits between level 0's first 2^L
+        scale, translation = [size, size], [origin_um[1] + shift, origin_um[0] + shift]
+        if channels:
+            scale, translation = [1.0, *scale], [0.0, *translation]
+        datasets.append({
+            "path": str(level),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": scale}, {"type": "translation", "translation": translation},
+            ],
+        })
+    return datasets
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
@@ -296,14 +315,58 @@ class MaskStore:
         for y in range(0, shape[0], chunk):
             array[y : y + chunk] = mode_downsample(np.asarray(previous[2 * y : 2 * (y + chunk)]))[:, : shape[1]]
 
-    def _ome_metadata(self, levels: int) -> dict[str, Any]:
-        datasets = [
-            {
-                "path": str(index),
-                "coordinateTransformations": [{"type": "scale", "scale": [self.mpp * 2**index, self.mpp * 2**index]}],
-            }
-            for index in range(levels)
-        ]
+    def write_into_image(self, label_path: Path, overwrite: bool = False) -> Path:
+        """Copy the label pyramid to `IMAGE/labels/NAME` (`label_path`), the spec's place for an image's labels.
+
+        IMAGE must be an OME-Zarr image whose levels have the shapes of this mask's levels (a tile
+        store the mask was segmented from); the label image is written under a partial name,
+        then renamed, and NAME is added to the `labels` group's list.
+        """
+        import zarr
+
+        from wsiseg.outputs import check_writable, partial_path, publish, remove
+
+        label_path = Path(label_path)
+        image = label_path.parent.parent
+        if label_path.parent.name != LABELS_GROUP:
+            raise WsisegError(f"{label_path} is not in an image's {LABELS_GROUP}/ group: give IMAGE.zarr/labels/NAME")
+        try:
+            image_group = zarr.open_group(str(image), mode="r+", zarr_format=3)
+            datasets = image_group.attrs["ome"]["multiscales"][0]["datasets"]  # type: ignore[index,call-overload]
+            shapes = [tuple(image_group[d["path"]].shape[-2:]) for d in datasets]  # type: ignore[union-attr]
+        except Exception:
+            raise WsisegError(f"{image} is not an OME-Zarr image: give the tile store the mask was made from") from None
+        mine = [tuple(self.level(index).shape) for index in range(self.num_levels)]
+        if shapes != mine:
+            raise WsisegError(
+                f"{image.name} has levels {shapes}, the mask {mine}: labels go into the tile store the mask was segmented from"
+            )
+        check_writable(label_path, overwrite)
+        labels = image_group.require_group(LABELS_GROUP)
+        partial = partial_path(label_path)
+        remove(partial)
+        group = zarr.open_group(str(partial), mode="w", zarr_format=3)
+        for index, shape in enumerate(mine):
+            source = self.level(index)
+            array = group.create_array(
+                str(index), shape=shape, chunks=(self.chunk, self.chunk), dtype=source.dtype, fill_value=0,
+                dimension_names=("y", "x"),
+            )
+            for y in range(0, shape[0], self.chunk):
+                array[y : y + self.chunk] = source[y : y + self.chunk]
+        group.attrs["ome"] = self._ome_metadata(len(mine), parent_image="../../")
+        group.attrs["wsiseg"] = self.meta
+        publish(partial, label_path)
+        names = [name for name in labels.attrs.get("ome", {}).get("labels", []) if name != label_path.name]
+        labels.attrs["ome"] = {"version": "0.5", "labels": [*names, label_path.name]}
+        return label_path
+
+    def _ome_metadata(self, levels: int, parent_image: str | None = None) -> dict[str, Any]:
+        slide_mpp = self.slide_mpp or self.mpp
+        origin_um = (self.origin[0] * slide_mpp, self.origin[1] * slide_mpp)
+        image_label: dict[str, Any] = {"version": "0.5"}
+        if parent_image is not None:
+            image_label["source"] = {"image": parent_image}
         return {
             "version": "0.5",
             "multiscales": [
@@ -313,11 +376,17 @@ class MaskStore:
                         {"name": "y", "type": "space", "unit": "micrometer"},
                         {"name": "x", "type": "space", "unit": "micrometer"},
                     ],
-                    "datasets": datasets,
+                    "datasets": level_datasets(levels, self.mpp, origin_um, channels=False),
                     "type": "mode",
+                    "metadata": {
+                        "description": "each level the most frequent label of 2x2 blocks of the previous "
+                        "(ties: the top-left one; edge pixels repeated at odd sizes)",
+                        "method": "wsiseg.store.masks.mode_downsample",
+                    },
                 }
             ],
             "image-label": {
+                **image_label,
                 "colors": [
                     {"label-value": label, "rgba": [*color, 0 if label == self.background else 255]}
                     for label, color in enumerate(self.colors)

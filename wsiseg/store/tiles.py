@@ -1,12 +1,17 @@
 """The tile store: a zarr 3 / OME-Zarr 0.5 image of a slide at one MPP, holding only its tissue tiles.
 
-Layout of `NAME.zarr`:
-  zarr.json   attributes `ome` (OME-Zarr 0.5 multiscales, axes c, y, x, scale = MPP in micrometre)
-              and `wsiseg` (mpp, size, tile grid, origin, source slide, tissue, `complete`)
+Layout of `NAME.zarr` (only zarr objects, so zarr opens it without warnings):
+  zarr.json   attributes `ome` (OME-Zarr 0.5 multiscales, axes c, y, x, scale = MPP in micrometre,
+              translation = the slide position in micrometre) and `wsiseg` (mpp, size, tile grid,
+              origin, source slide, tissue, `complete`)
   0/          uint8 (3, height, width), one chunk per tile, no shards, fill value 255 (white):
               chunks of background tiles are never written
+  1/, 2/ ...  the pyramid, written when the tiles are: each level the 2x2 mean of the previous
+              (halving rounded up, as mask stores do), until both sides fit 128 px
   tissue/     uint8 (rows, cols) tissue mask over the slide, at `wsiseg.tissue.mpp`
-  qc.png      thumbnail with the tissue outline and the tissue tiles
+  labels/     (once `wsiseg export --format labels` ran) OME-Zarr label images of this image
+Beside it: `NAME.qc.png` (thumbnail with the tissue outline and the tissue tiles) and
+`NAME.tile.log`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from wsiseg.outputs import TEMPORARY_GLOB, atomic_file
 from wsiseg.slide.backends import Bounds
 from wsiseg.slide.grid import Grid
 from wsiseg.slide.mask import TissueMask
+from wsiseg.store.masks import level_datasets, level_shapes
 
 if TYPE_CHECKING:
     from wsiseg.slide.reader import Slide
@@ -36,11 +42,23 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 IMAGE = "0"
 TISSUE = "tissue"
-QC_PICTURE = "qc.png"
+QC_SUFFIX = ".qc.png"
+LOG_SUFFIX = ".tile.log"
+PYRAMID_METADATA = {
+    "description": "each level the 2x2 block mean of the previous (rounded; edge pixels repeated at odd sizes)",
+    "method": "wsiseg.store.tiles.mean_downsample",
+}
 
 
-def ome_attributes(name: str, mpp: float, origin_um: tuple[float, float]) -> dict[str, Any]:
-    """OME-Zarr 0.5 `ome` attribute of a single-level (c, y, x) image at `mpp`."""
+def sidecar(store_path: Path, suffix: str) -> Path:
+    """A file that belongs to a store but lives beside it (zarr warns about other files inside): a.zarr -> a.qc.png."""
+    store_path = Path(store_path)
+    name = store_path.name
+    return store_path.with_name((name[: -len(".zarr")] if name.endswith(".zarr") else name) + suffix)
+
+
+def ome_attributes(name: str, mpp: float, origin_um: tuple[float, float], levels: int = 1) -> dict[str, Any]:
+    """OME-Zarr 0.5 `ome` attribute of a (c, y, x) image pyramid at `mpp` with `levels` levels."""
     return {
         "version": "0.5",
         "multiscales": [
@@ -51,15 +69,9 @@ def ome_attributes(name: str, mpp: float, origin_um: tuple[float, float]) -> dic
                     {"name": "y", "type": "space", "unit": "micrometer"},
                     {"name": "x", "type": "space", "unit": "micrometer"},
                 ],
-                "datasets": [
-                    {
-                        "path": IMAGE,
-                        "coordinateTransformations": [
-                            {"type": "scale", "scale": [1.0, mpp, mpp]},
-                            {"type": "translation", "translation": [0.0, origin_um[1], origin_um[0]]},
-                        ],
-                    }
-                ],
+                "datasets": level_datasets(levels, mpp, origin_um, channels=True),
+                "type": "mean",
+                "metadata": PYRAMID_METADATA,
             }
         ],
         "omero": {
@@ -147,7 +159,7 @@ class TileStore:
     slide_mpp = property(lambda self: float(self.attrs["slide_mpp"]), doc="Base MPP of the source slide.")
     origin = property(lambda self: tuple(self.attrs["origin"]), doc="Bounds origin (x, y) in level-0 pixels.")
     is_complete = property(lambda self: bool(self.attrs.get("complete")))
-    qc_picture = property(lambda self: self.path / QC_PICTURE)
+    qc_picture = property(lambda self: sidecar(self.path, QC_SUFFIX), doc="The QC picture beside the store.")
 
     @property
     def tissue(self) -> TissueMask:
@@ -263,6 +275,40 @@ class ChunkWriter:
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(target) as temporary, open(temporary, "wb") as handle:
             handle.write(chunk.data)
+
+
+def mean_downsample(planar: np.ndarray) -> np.ndarray:
+    """Halve a (C, H, W) uint8 image by the rounded mean of 2x2 blocks (rounding sizes up, edge pixels repeated)."""
+    _, height, width = planar.shape
+    if height % 2 or width % 2:
+        planar = np.pad(planar, ((0, 0), (0, height % 2), (0, width % 2)), mode="edge")
+    total = planar[:, 0::2, 0::2].astype(np.uint16) + planar[:, 0::2, 1::2] + planar[:, 1::2, 0::2] + planar[:, 1::2, 1::2]
+    return ((total + 2) // 4).astype(np.uint8)
+
+
+def write_pyramid(path: Path) -> int:
+    """Write levels 1.. of a tile store's image (the shapes of a mask store's levels) and their OME metadata."""
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    attributes = dict(group.attrs["wsiseg"])  # type: ignore[arg-type]
+    tile = int(attributes["tile"])
+    shapes = level_shapes(int(attributes["height"]), int(attributes["width"]))
+    for level in range(1, len(shapes)):
+        previous = group[str(level - 1)]
+        array = group.create_array(
+            str(level), shape=(3, *shapes[level]), chunks=(3, tile, tile), dtype="uint8", fill_value=255,
+            overwrite=True, dimension_names=("c", "y", "x"),
+        )
+        for y in range(0, shapes[level][0], tile):
+            array[:, y : y + tile] = mean_downsample(np.asarray(previous[:, 2 * y : 2 * (y + tile)]))[:, :, : shapes[level][1]]
+    ome = dict(group.attrs["ome"])  # type: ignore[arg-type]
+    multiscale = dict(ome["multiscales"][0])
+    origin_um = tuple(v * float(attributes["slide_mpp"]) for v in attributes["origin"])
+    multiscale.update(
+        datasets=level_datasets(len(shapes), float(attributes["mpp"]), origin_um, channels=True),  # type: ignore[arg-type]
+        type="mean", metadata=PYRAMID_METADATA,
+    )
+    group.attrs["ome"] = {**ome, "multiscales": [multiscale]}
+    return len(shapes)
 
 
 def mark_complete(path: Path) -> None:

@@ -19,7 +19,9 @@ from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.slide.grid import Grid
 from wsiseg.slide.reader import Slide, open_slide
 from wsiseg.slide.tissue import TissueMask, load_mask, qc_picture, save_png, tissue_mask
-from wsiseg.store.tiles import IMAGE, QC_PICTURE, TileStore, create_store, mark_complete, write_tiles
+from wsiseg.store.tiles import (
+    IMAGE, LOG_SUFFIX, QC_SUFFIX, TileStore, create_store, mark_complete, sidecar, write_pyramid, write_tiles,
+)
 
 log = get_logger("tile")
 
@@ -136,7 +138,7 @@ def _new_store(partial: Path, slide: Slide, settings: dict[str, Any], tissue: Ti
     store = create_store(partial, settings, tissue)
     thumbnail = slide.thumbnail(QC_SIDE)
     picture = qc_picture(thumbnail, tissue, positions, settings["tile"], settings["width"])
-    save_png(partial / QC_PICTURE, picture)
+    save_png(sidecar(partial, QC_SUFFIX), picture)
     return store
 
 
@@ -205,13 +207,14 @@ def _tile(
     finished = _finished(out, settings, overwrite)
     if finished is not None:
         log.info("%s: %s was finished by an earlier run with the same settings: skipped", slide.path.name, out)
+        _publish_sidecars(out)
         return finished, None
     check_writable(out, overwrite=True)
     partial = partial_path(out)
     if overwrite and partial.exists():
         remove(partial)
     store = _resumable(partial, settings)
-    with log_to_file(partial.with_name(f".{out.name}.log")) as log_file:
+    with log_to_file(_log_path(out)):
         if store is None:
             log.info("%s: detecting tissue", slide.path.name)
             if tissue_mask_path is not None:
@@ -241,10 +244,25 @@ def _tile(
         elapsed = time.perf_counter() - started
         log.info("%s: wrote %d tiles in %.1f s (%.1f tiles/s)", slide.path.name, len(missing), elapsed,
                  len(missing) / elapsed if elapsed > 0 else 0.0)
-    Path(log_file).replace(partial / "tile.log")
+        log.info("%s: pyramid of %d levels written", slide.path.name, write_pyramid(partial))
     mark_complete(partial)
     publish(partial, out)
+    _publish_sidecars(out)
     return TileStore.open(out), len(missing)
+
+
+def _log_path(out: Path) -> Path:
+    """Where a run writes its log until the store is published."""
+    return partial_path(out).with_name(f".{out.name}.log")
+
+
+def _publish_sidecars(out: Path) -> None:
+    """Move the QC picture and log of a published store beside it (also those a run killed just after
+    publishing the store left behind)."""
+    for temporary, final in ((sidecar(partial_path(out), QC_SUFFIX), sidecar(out, QC_SUFFIX)),
+                             (_log_path(out), sidecar(out, LOG_SUFFIX))):
+        if temporary.exists():
+            publish(temporary, final)
 
 
 # --- several slides ---------------------------------------------------------------------------
