@@ -12,7 +12,7 @@ from PIL import Image
 from shapely.geometry import shape
 
 from wsiseg.errors import WsisegError
-from wsiseg.export.geojson import coverage_faces
+from wsiseg.export.geojson import absorb_small_regions, coverage_faces
 from wsiseg.export.mask import export_mask
 from wsiseg.store.masks import MaskStore
 
@@ -153,6 +153,22 @@ def test_unsimplified_polygons_fall_on_the_level_grid_and_rasterize_back(tmp_pat
     annotated = target != IGNORE
     assert np.array_equal(prediction[annotated], target[annotated])
     assert annotated.sum() == (prediction > 0).sum()  # and every labelled pixel is annotated
+
+
+def test_small_regions_take_the_label_they_share_most_edges_with() -> None:
+    labels = np.ones((8, 10), np.uint8)
+    labels[:, 6:] = 3
+    labels[1:3, 1:3] = 2  # a 2x2 island inside class 1
+    labels[5, 4:7] = 2  # 3 px: 5 edges with class 1, 3 with class 3
+    labels[7, 0] = 2  # a corner pixel: 2 edges with class 1
+    absorbed = absorb_small_regions(labels, min_pixels=5)
+    expected = labels.copy()
+    expected[1:3, 1:3] = 1
+    expected[5, 4:7] = 1
+    expected[7, 0] = 1
+    assert np.array_equal(absorbed, expected)
+    expected[1:3, 1:3] = 2  # at 4 px the island is large enough to stay
+    assert np.array_equal(absorb_small_regions(labels, min_pixels=4), expected)
 
 
 def test_min_area_merges_small_regions_into_their_neighbours(tmp_path: Path) -> None:

@@ -4,8 +4,8 @@ Tracing: the pixel edges of the traced pyramid level between different labels ar
 maximal straight runs wherever the pair of labels on their two sides changes, and polygonized.
 The faces are exactly the regions of one label (a face's area is its pixel count), and
 neighbouring faces share their edges vertex for vertex: together they form a polygon coverage.
-Regions under `min_area` are merged into the neighbour they share the longest edge with, and the
-coverage is simplified as a whole (shapely's `coverage_simplify`), so boundaries stay shared:
+Regions under `min_area` are first relabelled, in the raster, as the neighbour they share the
+longest edge with; the coverage is simplified as a whole (shapely's `coverage_simplify`), so boundaries stay shared:
 no overlaps and no gaps between classes. The background faces take part and are left out of the
 file.
 
@@ -86,7 +86,9 @@ def coverage_faces(labels: Any, band_rows: int = BAND_ROWS) -> tuple[np.ndarray,
     import shapely
 
     lines = shapely.linestrings(_segments(labels, band_rows))
-    faces = shapely.get_parts(shapely.polygonize(lines))
+    # chained between junctions first, polygonizing is faster (10.8 -> 8.7-9.9 s on 9 Mpx with 20k nuclei)
+    chains = shapely.get_parts(shapely.line_merge(shapely.multilinestrings(lines)))
+    faces = shapely.get_parts(shapely.polygonize(chains))
     inside = shapely.get_coordinates(shapely.point_on_surface(faces))
     rows, cols = np.floor(inside[:, 1]).astype(np.int64), np.floor(inside[:, 0]).astype(np.int64)
     values = np.empty(len(faces), np.int64)
@@ -97,46 +99,39 @@ def coverage_faces(labels: Any, band_rows: int = BAND_ROWS) -> tuple[np.ndarray,
     return faces, values
 
 
-def merge_small(faces: np.ndarray, labels: np.ndarray, min_area: float) -> tuple[np.ndarray, np.ndarray]:
-    """Merge every face smaller than `min_area` into the neighbour it shares the longest edge with (smallest first)."""
-    import shapely
+def absorb_small_regions(labels: np.ndarray, min_pixels: float, passes: int = 4) -> np.ndarray:
+    """`labels` with every 4-connected region under `min_pixels` relabelled as the neighbour it shares most edges with.
 
-    faces, labels = faces.copy(), labels.copy()
-    alive = np.ones(len(faces), bool)
-    tree = shapely.STRtree(faces)
-    owner = np.arange(len(faces))
+    Neighbours that are large enough are preferred; a few passes settle regions whose
+    neighbours were small too. A region with no neighbour (the whole image) stays.
+    """
+    from skimage.measure import label as connected_regions
 
-    def find(index: int) -> int:
-        while owner[index] != index:
-            owner[index] = owner[owner[index]]
-            index = owner[index]
-        return index
-
-    areas = shapely.area(faces)
-    for index in np.argsort(areas, kind="stable"):
-        if not alive[index] or shapely.area(faces[index]) >= min_area:
-            continue
-        candidates = {find(int(k)) for k in tree.query(faces[index])} - {int(index)}
-        shared = {k: shapely.length(shapely.intersection(faces[index].boundary, faces[k].boundary)) for k in candidates}
-        shared = {k: length for k, length in shared.items() if length > 0}
-        if not shared:
-            continue
-        target = max(shared, key=lambda k: (shared[k], -k))
-        faces[target] = shapely.coverage_union(faces[target], faces[index])
-        alive[index], owner[index] = False, target
-    return faces[alive], labels[alive]
-
-
-def dissolve(faces: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Join neighbouring faces of the same label (left by merging), keeping the coverage."""
-    import shapely
-
-    parts, values = [], []
-    for label in np.unique(labels):
-        union = shapely.get_parts(shapely.coverage_union_all(faces[labels == label]))
-        parts.append(union)
-        values.append(np.full(len(union), label))
-    return np.concatenate(parts), np.concatenate(values)
+    labels = np.asarray(labels)
+    num_labels = int(labels.max()) + 1
+    for _ in range(passes):
+        regions = connected_regions(labels.astype(np.int32), background=-1, connectivity=1)
+        sizes = np.bincount(regions.reshape(-1))
+        small = sizes < min_pixels
+        small[0] = False  # no region has id 0 (there is no background value)
+        if not small[regions].any():
+            break
+        region_label = np.zeros(len(sizes), labels.dtype)
+        region_label[regions] = labels
+        shared = np.zeros((len(sizes), num_labels), np.int64)  # shared pixel edges: small region x neighbour label
+        shared_large = np.zeros_like(shared)
+        for a, b in ((regions[:, :-1], regions[:, 1:]), (regions[:-1], regions[1:])):
+            differ = a != b
+            for own, other in ((a[differ], b[differ]), (b[differ], a[differ])):
+                mine = small[own]
+                np.add.at(shared, (own[mine], region_label[other[mine]]), 1)
+                large = mine & ~small[other]
+                np.add.at(shared_large, (own[large], region_label[other[large]]), 1)
+        counts = np.where(shared_large.sum(axis=1, keepdims=True) > 0, shared_large, shared)
+        relabel = small & (counts.sum(axis=1) > 0)
+        region_label[relabel] = counts[relabel].argmax(axis=1)
+        labels = region_label[regions]
+    return labels
 
 
 def level_mpp(store: MaskStore, level: int) -> float:
@@ -166,9 +161,10 @@ def mask_to_features(
     if simplify < 0 or min_area < 0:
         raise WsisegError("--simplify and --min-area must be 0 or more")
     pixel_um = level_mpp(store, level)
-    faces, labels = coverage_faces(store.level(level))
+    raster = store.level(level)
     if min_area > 0:
-        faces, labels = dissolve(*merge_small(faces, labels, min_area / pixel_um**2))
+        raster = absorb_small_regions(raster[...], min_area / pixel_um**2)
+    faces, labels = coverage_faces(raster)
     if simplify > 0 and len(faces):
         faces = shapely.coverage_simplify(faces, simplify / pixel_um, simplify_boundary=False)
     keep = labels != store.background
