@@ -120,3 +120,42 @@ def test_cli_k_values_follow_the_issue_syntax(tmp_path: Path) -> None:
 def test_sampling_limits_below_one_are_user_errors(max_windows: int, max_tokens: int) -> None:
     with pytest.raises(WsisegError, match="--max-windows and --max-tokens must be at least 1"):
         sample_tokens([], None, 0.5, 256, max_windows=max_windows, max_tokens=max_tokens)
+
+
+def test_banks_made_elsewhere_are_clipped_or_refused(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(7)
+    raw = rng.standard_normal((4, 6)).astype(np.float32)
+    bank = ConceptBank({4: raw})
+    with caplog.at_level("WARNING", logger="wsiseg"):
+        concepts = bank.projection_concepts(4)
+    negative = raw < 0
+    np.testing.assert_array_equal(concepts, np.where(negative, 0, raw))
+    warnings = [r.getMessage() for r in caplog.records if "negative entries" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"{int(negative.sum())} negative entries" in warnings[0] and f"{raw.min():.4g}" in warnings[0]
+    assert (bank.get(4) == raw).all()  # the bank itself is left alone
+    broken = raw.copy()
+    broken[2, 3] = np.nan
+    broken[0, 1] = np.inf
+    with pytest.raises(WsisegError, match="2 NaN or infinite entries .*concepts 0, 2"):
+        ConceptBank({4: broken}).projection_concepts(4)
+    with pytest.raises(WsisegError, match="no k=8"):
+        bank.projection_concepts(8)
+    with pytest.raises(WsisegError, match=r"k=4 entry must be a \(4, D\) matrix, got shape \(3, 6\)"):
+        ConceptBank({4: raw[:3]})
+    with pytest.raises(WsisegError, match="one feature length"):
+        ConceptBank({4: raw, 2: raw[:2, :5]})
+
+
+def test_fseg_refuses_a_bank_of_another_feature_length(tmp_path: Path) -> None:
+    import wsiseg
+
+    rng = np.random.default_rng(1)
+    save_bank(ConceptBank({4: np.abs(rng.standard_normal((4, 10))).astype(np.float32)}), tmp_path / "bank.safetensors")
+    image = tmp_path / "he.png"
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 200, (64, 64, 3), dtype=np.uint8)).save(image)
+    with pytest.raises(WsisegError, match="10-long concepts but model efficientnet_lite0_imagenet gives 320"):
+        wsiseg.fseg_slide(image, tmp_path / "out", k=4, bank=tmp_path / "bank.safetensors", slide_mpp=0.5,
+                          window=64, device="cpu", tissue="all")

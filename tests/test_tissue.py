@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from skimage import color
 
 from wsiseg.errors import WsisegError
 from wsiseg.slide import open_slide
-from wsiseg.slide.tissue import detect_tissue, load_mask, qc_picture, tissue_mask
+from wsiseg.slide.tissue import TissueSettings, check_tissue_option, detect_tissue, load_mask, qc_picture, resolve_tissue, tissue_mask
 
 
 @pytest.fixture(scope="module")
@@ -19,24 +20,97 @@ def cmu(samples):
         yield slide
 
 
-def test_detects_the_cmu_tissue(cmu):
+# Places on the CMU slide (level-0 pixels, 0.499 MPP), found by looking at its QC picture.
+STRAND = (170, 990, 620, 230)  # x, y, w, h: the thin strand with nuclei reaching out left at mid-height
+FRAGMENTS = [(0, 60, 90, 90), (2060, 560, 150, 110)]  # small pieces near the top-left corner and the right edge
+
+
+def test_detects_the_cmu_tissue_at_a_fine_resolution(cmu):
     tissue = tissue_mask(cmu)
-    assert tissue.mpp == 4.0
-    assert tissue.shape == (370, 277)
-    assert 0.25 < tissue.fraction < 0.5  # the sample is about half background
-    # the left margin of the slide is glass, the lower middle is tissue
-    assert not tissue.covers(0, 0, 100, 2900, 0.499)
+    assert tissue.mpp == pytest.approx(2967 * 0.499 / 1024)  # 1024 px along the longer side, finer than 2 MPP
+    assert tissue.shape == (1024, 766)
+    assert 0.3 < tissue.fraction < 0.5  # the sample is about half background
+    assert not tissue.covers(0, 1300, 250, 1600, 0.499)  # the left margin, below the strand, is glass
     assert tissue.covers(1100, 2500, 64, 64, 0.499)
 
 
+def test_keeps_the_thin_strand_and_the_small_fragments(cmu):
+    tissue = tissue_mask(cmu)
+    x, y, w, h = STRAND
+    # nuclei of the strand, found at full resolution by colour deconvolution (skimage), must be in the mask
+    nuclei = color.rgb2hed(cmu.read(x, y, w, h, 0.499))[..., 0] > 0.08
+    assert nuclei.sum() > 500
+    inside = tissue.sample_rows(y, h, x + w, 0.499)[:, x:]
+    assert inside[nuclei].mean() > 0.95
+    for box in FRAGMENTS:
+        assert tissue.covers(*box, 0.499)
+
+
+@pytest.mark.parametrize("side", [224, 256, 288, 448, 512])
+def test_an_image_without_background_is_all_tissue(samples, side):
+    """Patches and ROIs: all-tissue crops of the real H&E image, at 0.25 and 0.5 MPP (every side)."""
+    image = np.asarray(Image.open(samples["hgsc_image"]).convert("RGB"))
+    for x, y in ((600, 600), (1000, 1000), (300, 100)):
+        crop = image[y : y + side, x : x + side]
+        for mpp in (0.25, 0.5):
+            mask = detect_tissue(crop, mpp)
+            assert mask.mean() > 0.98, (side, x, y, mpp, mask.mean())
+
+
+def test_a_crop_keeps_the_tissue_edge_the_slide_mask_has(cmu):
+    """Detection on a crop agrees with the whole slide's mask there: no edge eaten by a coarse mask."""
+    slide_mask = tissue_mask(cmu)
+    x, y, side = 520, 1900, 448  # across the left tissue border
+    crop = cmu.read(x, y, side, side, 0.499)
+    own = detect_tissue(crop, 0.499)
+    reference = slide_mask.sample_rows(y, side, x + side, 0.499)[:, x:]
+    assert 0.3 < reference.mean() < 0.9
+    assert (own == reference).mean() > 0.97
+
+
+def test_small_fragments_on_a_large_slide_are_kept_only_with_nuclei(cmu):
+    """A mosaic: real 30 um fragments pasted far apart on a 1.5 mm canvas of white, and eosin-only copies."""
+    canvas = np.full((3000, 3000, 3), 244, np.uint8)
+    piece = cmu.read(1150, 2300, 60, 60, 0.499)  # epidermis: nuclei
+    assert (color.rgb2hed(piece)[..., 0] > 0.08).mean() > 0.05
+    eosin = np.full_like(piece, (235, 150, 190))  # saturated like tissue, no haematoxylin
+    for index in range(4):
+        canvas[300 + 600 * index : 360 + 600 * index, 300:360] = piece
+        canvas[300 + 600 * index : 360 + 600 * index, 2000:2060] = eosin
+    mask = detect_tissue(canvas, 0.5)
+    for index in range(4):
+        assert mask[300 + 600 * index : 360 + 600 * index, 300:360].mean() > 0.9
+        assert not mask[300 + 600 * index : 360 + 600 * index, 1900:2200].any()
+    big_eosin = canvas.copy()
+    big_eosin[100:300, 2400:2600] = (235, 150, 190)  # 100 um square: above the minimum area
+    assert detect_tissue(big_eosin, 0.5)[150:250, 2450:2550].all()
+
+
 def test_blank_image_has_no_tissue_and_parameters_matter(cmu):
-    assert not detect_tissue(np.full((200, 200, 3), 245, np.uint8)).any()
-    glass = cmu.read(20, 40, 150, 190, 2.0)  # real background of the slide, left of the tissue
-    assert not detect_tissue(glass).any()
-    thumbnail = cmu.thumbnail(400)
-    loose = detect_tissue(thumbnail, min_area_px=1, fill_holes=False)
-    strict = detect_tissue(thumbnail, threshold=0.3)
-    assert strict.sum() < loose.sum()
+    assert not detect_tissue(np.full((200, 200, 3), 245, np.uint8), 2.0).any()
+    glass = cmu.read(20, 400, 150, 190, 2.0)  # real background of the slide, left of the tissue
+    assert not detect_tissue(glass, 2.0).any()
+    thumbnail = cmu.read_whole(8.0)
+    default = detect_tissue(thumbnail, 4.0)
+    strict = detect_tissue(thumbnail, 4.0, TissueSettings(threshold=0.4))
+    no_small = detect_tissue(thumbnail, 4.0, TissueSettings(min_area_um2=50_000, min_fragment_um2=50_000))
+    assert strict.sum() < default.sum() and no_small.sum() < default.sum()
+
+
+def test_tissue_option_auto_all_or_a_mask(cmu, tmp_path):
+    assert check_tissue_option(None) == "auto" and check_tissue_option("all") == "all"
+    with pytest.raises(WsisegError, match="auto .* all .* mask"):
+        check_tissue_option("everything")
+    with pytest.raises(WsisegError, match="no such tissue mask"):
+        check_tissue_option(tmp_path / "missing.png")
+    everything, source = resolve_tissue("all", cmu)
+    assert source == "all" and everything.fraction == 1.0
+    assert everything.covers(0, 0, 1, 1, 0.499)
+    mask = np.zeros((297, 222), np.uint8)
+    mask[:100, :100] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    loaded, source = resolve_tissue(tmp_path / "mask.png", cmu)
+    assert source == str((tmp_path / "mask.png").resolve()) and 0.1 < loaded.fraction < 0.2
 
 
 def test_png_mask_replaces_detection(cmu, tmp_path):

@@ -47,6 +47,9 @@ def split_k_values(slides: tuple[Path, ...], ks: tuple[str, ...]) -> tuple[list[
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--clip-to-tissue/--no-clip-to-tissue", default=True, show_default=True,
               help="Give pixels outside the tissue mask the background label, even inside a tissue window.")
+@click.option("--tissue", default="auto", show_default=True,
+              help="auto (detect), all (the whole image), or a PNG/GeoJSON tissue mask of the slide.")
+@click.option("--random-weights", is_flag=True, help="Run a registry PFM without --weights, untrained (tests, benchmarks).")
 @click.option("--workers", default="auto", show_default=True,
               help="Reader threads (auto: all cores but one on CUDA, 1 on CPU; 0: read in the main thread).")
 @click.option("--scheduler", default=None, help="dask.distributed scheduler address: one task per slide.")
@@ -55,8 +58,8 @@ def split_k_values(slides: tuple[Path, ...], ks: tuple[str, ...]) -> tuple[list[
 def fseg_command(slides: tuple[Path, ...], out: Path, k: int, model: str | None, weights: Path | None,
                  bank: Path | None, mode: str, scale_before_argmax: bool, layer: int | None, mpp: float | None,
                  slide_mpp: float | None, window: int | None, overlap: float, batch_size: int, device: str,
-                 clip_to_tissue: bool, workers: str, scheduler: str | None, skip_errors: bool,
-                 overwrite: bool) -> None:
+                 clip_to_tissue: bool, tissue: str, random_weights: bool, workers: str, scheduler: str | None,
+                 skip_errors: bool, overwrite: bool) -> None:
     """Segment slides into k concepts by projecting token features onto a concept bank."""
     from wsiseg.driver import check_results, summary_table
     from wsiseg.fseg.slides import fseg_slides
@@ -66,8 +69,8 @@ def fseg_command(slides: tuple[Path, ...], out: Path, k: int, model: str | None,
     results = fseg_slides(list(slides), out, k=k, model=model, weights=weights, bank=bank, mode=mode,
                           scale_before_argmax=scale_before_argmax, layer=layer, mpp=mpp, slide_mpp=slide_mpp,
                           window=window, overlap=overlap, batch_size=batch_size, device=device, overwrite=overwrite,
-                          clip_to_tissue=clip_to_tissue, workers=workers, scheduler=scheduler,
-                          skip_errors=skip_errors)
+                          clip_to_tissue=clip_to_tissue, tissue=tissue, random_weights=random_weights,
+                          workers=workers, scheduler=scheduler, skip_errors=skip_errors)
     click.echo(summary_table(results, "windows"))
     check_results(results)
 
@@ -86,10 +89,14 @@ def fseg_command(slides: tuple[Path, ...], out: Path, k: int, model: str | None,
 @click.option("--max-tokens", type=int, default=50_000, show_default=True, help="Token features kept for k-means.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tissue", default="auto", show_default=True,
+              help="auto (detect), all (the whole image), or a PNG/GeoJSON tissue mask of the slide.")
+@click.option("--random-weights", is_flag=True, help="Run a registry PFM without --weights, untrained (tests, benchmarks).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bank.")
 def fseg_fit_command(slides: tuple[Path, ...], out: Path, ks: tuple[str, ...], model: str, weights: Path | None,
                      layer: int, mpp: float, slide_mpp: float | None, window: int, max_windows: int,
-                     max_tokens: int, device: str, seed: int, overwrite: bool) -> None:
+                     max_tokens: int, device: str, seed: int, tissue: str, random_weights: bool,
+                     overwrite: bool) -> None:
     """Fit concept banks (k-means of token features, several k in one pass) on the tissue of slides."""
     from wsiseg.fseg.api import DEFAULT_KS, fit_concepts
     from wsiseg.progress import setup_console_logging
@@ -100,5 +107,5 @@ def fseg_fit_command(slides: tuple[Path, ...], out: Path, ks: tuple[str, ...], m
         raise click.UsageError("give at least one slide")
     bank = fit_concepts(paths, out, ks=k_values or list(DEFAULT_KS), model=model, weights=weights, layer=layer,
                         mpp=mpp, slide_mpp=slide_mpp, window=window, max_windows=max_windows, max_tokens=max_tokens,
-                        device=device, seed=seed, overwrite=overwrite)
+                        device=device, seed=seed, overwrite=overwrite, tissue=tissue, random_weights=random_weights)
     click.echo(f"{out}: k = {', '.join(map(str, bank.ks))}, {bank.feature_dim} features, model {bank.model}, layer {bank.layer}")

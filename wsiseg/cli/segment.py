@@ -34,13 +34,18 @@ EXPORT_FORMATS = ("tiff", "palette-tiff", "ome-tiff", "geojson", "png")
               help="Comma-separated exports written next to mask.zarr (tiff, palette-tiff, ome-tiff, geojson, png; '' for none).")
 @click.option("--clip-to-tissue/--no-clip-to-tissue", default=True, show_default=True,
               help="Give pixels outside the tissue mask the background label, even inside a tissue window.")
+@click.option("--tissue", default="auto", show_default=True,
+              help="auto (detect), all (the whole image), or a PNG/GeoJSON tissue mask of the slide.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="The PFM weights the checkpoint was trained on [default: model.pfm_weights_path of the config].")
+@click.option("--random-weights", is_flag=True, help="Allow an untrained PFM backbone (tests, benchmarks).")
 @click.option("--skip-errors", is_flag=True, help="Go on past slides that fail, and list them at the end.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def segment_command(
     slides: tuple[Path, ...], checkpoint: Path, config: Path | None, out: Path, mode: str, mpp: float | None,
     slide_mpp: float | None, window: int | None, overlap: float, blend: str, batch_size: int, device: str,
     workers: str, scheduler: str | None, save_probabilities: bool, background: str | None, exports: str,
-    clip_to_tissue: bool, skip_errors: bool, overwrite: bool,
+    clip_to_tissue: bool, tissue: str, weights: Path | None, random_weights: bool, skip_errors: bool, overwrite: bool,
 ) -> None:
     """Segment SLIDES (slide files, images with --slide-mpp, or `wsiseg tile` stores) into label masks."""
     from wsiseg.driver import check_results, summary_table
@@ -53,7 +58,7 @@ def segment_command(
         mpp=mpp, slide_mpp=slide_mpp, window=window, overlap=overlap, blend=blend, batch_size=batch_size,
         device=device, workers=workers, overwrite=overwrite, save_probabilities=save_probabilities,
         background=background, exports=tuple(e.strip() for e in exports.split(",") if e.strip()),
-        clip_to_tissue=clip_to_tissue,
+        clip_to_tissue=clip_to_tissue, tissue=tissue, weights=weights, random_weights=random_weights,
     )
     click.echo(summary_table(results, "windows"))
     check_results(results)

@@ -52,12 +52,14 @@ def info_command(slide: Path, slide_mpp: float | None, as_json: bool) -> None:
 @click.option("--workers", default="auto", show_default=True,
               help="Writer threads without --scheduler (auto: min(4, CPUs); 0: in the main thread).")
 @click.option("--scheduler", default=None, help="Address of an existing dask.distributed scheduler to use instead.")
-@click.option("--tissue-mask", type=click.Path(path_type=Path), default=None,
-              help="Use this mask (PNG over the slide, or GeoJSON polygons in level-0 pixels) instead of detection.")
+@click.option("--tissue", default="auto", show_default=True,
+              help="auto (detect), all (the whole image), or a mask: PNG over the slide or GeoJSON polygons in level-0 pixels.")
+@click.option("--tissue-mask", type=click.Path(path_type=Path), default=None, hidden=True,
+              help="Same as --tissue PATH (older name).")
 @click.option("--tissue-threshold", type=float, default=None,
-              help="Saturation threshold for tissue (0-1) [default: Otsu's, at least 0.05].")
-@click.option("--min-tissue-area", type=float, default=20_000.0, show_default=True,
-              help="Drop tissue pieces smaller than this many square micrometres.")
+              help="Saturation threshold for tissue (0-1) [default: Otsu's, kept within 0.05-0.12].")
+@click.option("--min-tissue-area", type=float, default=2_000.0, show_default=True,
+              help="Drop tissue pieces smaller than this many square micrometres, unless they hold nuclei.")
 @click.option("--skip-errors", is_flag=True, help="Go on past slides that fail, and report them at the end.")
 @click.option("--overwrite", is_flag=True, help="Replace existing stores.")
 def tile_command(
@@ -68,6 +70,7 @@ def tile_command(
     tile: int,
     workers: str,
     scheduler: str | None,
+    tissue: str,
     tissue_mask: Path | None,
     tissue_threshold: float | None,
     min_tissue_area: float,
@@ -82,7 +85,7 @@ def tile_command(
     setup_console_logging()
     results = tile_slides(
         slides, out, mpp, slide_mpp=slide_mpp, tile=tile, workers=workers, scheduler=scheduler,
-        overwrite=overwrite, skip_errors=skip_errors, tissue_mask_path=tissue_mask,
+        overwrite=overwrite, skip_errors=skip_errors, tissue=tissue, tissue_mask_path=tissue_mask,
         tissue_options={"threshold": tissue_threshold, "min_area_um2": min_tissue_area},
     )
     click.echo(summary_table(results, "tiles"))

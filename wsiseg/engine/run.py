@@ -51,22 +51,23 @@ class SourceView:
     height: int
     slide_mpp: float
     origin: tuple[int, int]
+    tissue_option: Any = "auto"  # --tissue: auto, all or a mask file
     _tissue: Any = field(default=None, init=False, repr=False, compare=False)
 
     def tissue(self) -> Any:
-        """The tissue mask (TissueMask) of the source, detected once per view."""
+        """The tissue mask (TissueMask) `tissue_option` asks for, made once per view (a tile store's `auto`
+        is the mask it was tiled with)."""
         if self._tissue is None:
-            if self.kind == "tiles":
-                self._tissue = self.reader.tissue
-            else:
-                from wsiseg.slide.tissue import tissue_mask
+            from wsiseg.slide.tissue import resolve_source_tissue
 
-                self._tissue = tissue_mask(self.reader)
+            self._tissue = resolve_source_tissue(self.tissue_option, self.reader, self.kind == "tiles")
         return self._tissue
 
     def thumbnail(self, max_side: int = 2048) -> np.ndarray | None:
-        """An RGB overview for the overlay (None for a tile store)."""
-        return self.reader.thumbnail(max_side) if self.kind == "slide" else None
+        """An RGB overview for the overlay: the slide's, also for a tile store whose slide is still there."""
+        from wsiseg.export.overlay import source_picture
+
+        return source_picture(self.reader, max_side)
 
 
 def is_tile_store(path: Path) -> bool:
@@ -81,27 +82,28 @@ def is_tile_store(path: Path) -> bool:
     return attributes.get("wsiseg", {}).get("kind") == "tiles"
 
 
-def open_source(source: Any, mpp: float, slide_mpp: float | None = None) -> SourceView:
+def open_source(source: Any, mpp: float, slide_mpp: float | None = None, tissue: Any = "auto") -> SourceView:
     """A SourceView of a path (slide file or tile store), a Slide, a TileStore or a SourceView, at `mpp`.
 
-    A SourceView given keeps its tissue mask, which does not depend on `mpp`.
+    `tissue` is the --tissue option (auto, all or a mask file). A SourceView given keeps its tissue
+    option and mask, which do not depend on `mpp`.
     """
     from wsiseg.slide import Slide, open_slide
     from wsiseg.store.tiles import TileStore
 
     if isinstance(source, SourceView):
-        view = open_source(source.reader, mpp, slide_mpp)
+        view = open_source(source.reader, mpp, slide_mpp, source.tissue_option)
         view._tissue = source._tissue
         return view
     if isinstance(source, (str, Path)):
         source = TileStore.open(source) if is_tile_store(Path(source)) else open_slide(source, slide_mpp)
     if isinstance(source, TileStore):
         width, height = source.size_at(mpp)
-        return SourceView(source, source.path, "tiles", width, height, source.slide_mpp, tuple(source.origin))
+        return SourceView(source, source.path, "tiles", width, height, source.slide_mpp, tuple(source.origin), tissue)
     if isinstance(source, Slide):
         width, height = source.size_at(mpp)
         bounds = source.bounds
-        return SourceView(source, source.path, "slide", width, height, source.mpp, (bounds.x, bounds.y))
+        return SourceView(source, source.path, "slide", width, height, source.mpp, (bounds.x, bounds.y), tissue)
     raise TypeError(f"cannot segment a {type(source).__name__}: give a slide path, Slide or TileStore")
 
 
@@ -196,6 +198,18 @@ class BackgroundWriter:
         self.thread.join()
         if self.error is not None:
             raise self.error
+
+
+def check_tissue(view: SourceView, mask: Any, mpp: float) -> None:
+    """A run without a single tissue window is a user error (never an empty "ok"), checked before any output."""
+    where = f"{view.path.name} ({view.width}x{view.height} px)"
+    if not mask.mask.any():
+        raise WsisegError(f"no tissue found in {where}: check the image, or pass --tissue all or a mask file")
+    if not mask.covers(0, 0, view.width, view.height, mpp):
+        raise WsisegError(
+            f"the tissue mask of {where} holds tissue only outside the image: check that the --tissue mask "
+            "covers this image, or pass --tissue all"
+        )
 
 
 def tissue_clipped(sink: StripeSink, tissue: Any, mpp: float, width: int, background: int) -> StripeSink:
@@ -363,6 +377,7 @@ def run_slide(
     show_progress: bool = True,
     chunk: int = 512,
     clip_to_tissue: bool = True,
+    tissue: Any = "auto",
 ) -> dict[str, Any]:
     """Segment one slide or tile store with `predictor` into `out_dir`; returns the run summary.
 
@@ -370,7 +385,9 @@ def run_slide(
     mask.geojson) and summary.json; the log goes to segment.log. A partial run left in
     `out_dir` by an interrupted run with the same settings is resumed. `chunk` is the side of
     the mask store's chunks, which is also the granularity of resuming. With `clip_to_tissue`,
-    pixels outside the tissue mask get the background label even inside a tissue window.
+    pixels outside the tissue mask get the background label even inside a tissue window. `tissue` is
+    the --tissue option: auto (detect; a tile store's own mask), all (the whole image) or a mask file.
+    A source without tissue windows is an error, never an empty "ok".
     """
     started = time.perf_counter()
     bound_heap_growth()
@@ -394,14 +411,14 @@ def run_slide(
     paths = output_paths(out_dir, exports)
     torch_device = resolve_device(device)
     workers = parse_workers(workers, torch_device)
-    view = open_source(source, mpp, slide_mpp)
+    view = open_source(source, mpp, slide_mpp, tissue)
     try:
         check_writable(paths["summary"], overwrite=True)  # the folder: existing outputs are judged below
         stride = max(1, window - round(overlap * window))
         settings = {
             "mode": mode, "mpp": float(mpp), "window": int(window), "stride": stride, "blend": blend,
             "background": int(background), "probabilities": bool(save_probabilities), "model": model_info or {},
-            "clip_to_tissue": bool(clip_to_tissue),
+            "clip_to_tissue": bool(clip_to_tissue), "tissue": str(tissue),
         }
         fingerprint = json.loads(json.dumps({**_fingerprint(view, settings, predictor), "exports": list(exports)}))
         finished = finished_run(out_dir, fingerprint, overwrite)
@@ -414,7 +431,8 @@ def run_slide(
                      view.height, mode)
             timings: dict[str, float] = {}
             tick = time.perf_counter()
-            tissue = view.tissue()
+            mask = view.tissue()
+            check_tissue(view, mask, mpp)
             timings["tissue_s"] = time.perf_counter() - tick
             # read before the loop, while no reader thread or stripe buffer is alive, so the read's
             # transient buffers (a few hundred MB on large slides) never stack on the loop's memory
@@ -427,7 +445,7 @@ def run_slide(
                 probabilities=save_probabilities, background=background, chunk=chunk,
             )
             resumed_from = store.rows_done
-            sink = tissue_clipped(store.write_rows, tissue, mpp, view.width, background) if clip_to_tissue else store.write_rows
+            sink = tissue_clipped(store.write_rows, mask, mpp, view.width, background) if clip_to_tissue else store.write_rows
             if resumed_from:
                 log.info("resuming: rows 0..%d of %d were finished by an earlier run", resumed_from, view.height)
 
@@ -436,7 +454,7 @@ def run_slide(
                 from wsiseg.slide.grid import Grid
 
                 grid = Grid(view.width, view.height, window, stride)
-                positions = grid.tissue_positions(tissue, mpp)
+                positions = grid.tissue_positions(mask, mpp)
                 total = len(positions)
                 log.info("%d of %d windows hold tissue (%d px, stride %d)", total, len(grid), window, stride)
                 with progress_bar(total, f"segment {view.path.name}", "tiles", disable=not show_progress) as advance:
@@ -445,7 +463,7 @@ def run_slide(
                     )
                 grid_total = len(grid)
             else:
-                regions = tissue_regions(tissue, mpp, view.width, view.height)
+                regions = tissue_regions(mask, mpp, view.width, view.height)
                 total = grid_total = len(regions)
                 log.info("%d tissue regions, each resized to %d px", total, window)
                 with progress_bar(total, f"segment {view.path.name}", "regions", disable=not show_progress) as advance:
@@ -474,7 +492,7 @@ def run_slide(
                 "width": view.width, "height": view.height, "window": window, "stride": stride,
                 "overlap": overlap, "blend": blend, "batch_size": batch_size, "device": str(torch_device),
                 "windows_total": grid_total, "windows_tissue": total, "windows_run": run_count,
-                "resumed_from_row": resumed_from, "tissue_fraction": float(tissue.fraction),
+                "resumed_from_row": resumed_from, "tissue_fraction": float(mask.fraction),
                 "tiles_per_s": run_count / timings["predict_s"] if timings["predict_s"] > 0 else None,
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 "class_area_mm2": store.class_areas_mm2(),

@@ -51,18 +51,53 @@ def background_label(class_names: Sequence[str], background: int | str | None = 
     return next((lowered.index(name) for name in BACKGROUND_NAMES if name in lowered), 0)
 
 
+def check_backbone_weights(payload: dict[str, Any], effective: dict[str, Any], random_weights: bool = False) -> None:
+    """Refuse a checkpoint whose backbone must be rebuilt from PFM weights that are not given (or not there).
+
+    A checkpoint that stores its whole backbone needs none; one that stores only an adapter (or
+    nothing, for a frozen backbone) is rebuilt from `model.pfm_weights_path`, or `--weights`.
+    """
+    from wsiseg.engine.preflight import needs_weights
+
+    if payload.get("backbone_state") == "full":
+        return
+    model = effective.get("model", {})
+    weights = model.get("pfm_weights_path")
+    if weights is not None and not Path(weights).exists():
+        raise WsisegError(
+            f"the PFM weights {weights} this checkpoint was trained on are not there: pass your copy with --weights"
+        )
+    if weights is None and needs_weights(model["name"]) and not random_weights:
+        raise WsisegError(
+            f"this checkpoint keeps only its decoder{' and adapter' if payload.get('backbone_state') == 'adapter' else ''}: "
+            f"its {model['name']} backbone is rebuilt from the PFM weights; pass them with --weights "
+            "(or --random-weights for an untrained backbone, for tests only)"
+        )
+
+
 def load_predictor(
     checkpoint: str | Path, config: dict[str, Any] | str | Path | None = None, device: Any = "cpu",
-    precision: str | None = None,
+    precision: str | None = None, weights: str | Path | None = None, random_weights: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
-    """(SegmenterPredictor, effective config) of a checkpoint, checking the config against it."""
+    """(SegmenterPredictor, effective config) of a checkpoint, checking the config against it.
+
+    `weights` replaces the config's `model.pfm_weights_path` (where the backbone is rebuilt from).
+    """
+    import copy
+
     from wsiseg.engine.predictors import SegmenterPredictor
     from wsiseg.models.checkpoint import load_segmenter, read_checkpoint
 
     payload = read_checkpoint(checkpoint)
     stored = payload["config"]
     user = _load_config(config)
-    effective = stored if user is None else user
+    effective = copy.deepcopy(stored if user is None else user)
+    if weights is not None:
+        effective.setdefault("model", {})["pfm_weights_path"] = str(weights)
+    effective["model"].setdefault("name", stored["model"]["name"])
+    check_backbone_weights(payload, effective, random_weights)
+    if user is not None or weights is not None:
+        user = effective
     class_names = list(payload["class_names"])
     if user is not None:
         user_classes = user.get("dataset", {}).get("num_classes")
@@ -100,16 +135,25 @@ def segment_slide(
     show_progress: bool = True,
     predictor: Any = None,
     clip_to_tissue: bool = True,
+    tissue: str | Path = "auto",
+    weights: str | Path | None = None,
+    random_weights: bool = False,
 ) -> dict[str, Any]:
     """Segment one slide (file or tile store) with a trained checkpoint into folder `out`; returns the summary.
 
     MPP and window default to the config's `dataset.mpp` and `model.input_size` (the training
     config stored in the checkpoint unless `config` is given). `predictor` reuses a model
-    already loaded by `load_predictor` (whose `.config` then gives those defaults).
+    already loaded by `load_predictor` (whose `.config` then gives those defaults). `tissue`:
+    auto (detect), all (the whole image) or a PNG/GeoJSON mask file. `weights`: the PFM weights the
+    backbone is rebuilt from, when the checkpoint does not store it (`random_weights`: allow none).
     """
+    if predictor is None:
+        preflight([slide], checkpoint, [Path(out)], config=config, mode=mode, mpp=mpp, slide_mpp=slide_mpp,
+                  window=window, overlap=overlap, blend=blend, batch_size=batch_size, workers=workers,
+                  exports=exports, overwrite=overwrite, tissue=tissue, weights=weights)
     torch_device = resolve_device(device)
     if predictor is None:
-        predictor, effective = load_predictor(checkpoint, config, torch_device, precision)
+        predictor, effective = load_predictor(checkpoint, config, torch_device, precision, weights, random_weights)
     else:
         effective = getattr(predictor, "config", None) or _load_config(config) or {}
     from wsiseg.config import defaults
@@ -128,28 +172,68 @@ def segment_slide(
         device=str(torch_device), workers=workers, mode=mode,
         background=background_label(predictor.class_names, background), slide_mpp=slide_mpp,
         overwrite=overwrite, save_probabilities=save_probabilities, exports=exports, model_info=model_info,
-        show_progress=show_progress, clip_to_tissue=clip_to_tissue,
+        show_progress=show_progress, clip_to_tissue=clip_to_tissue, tissue=tissue,
     )
+
+
+def preflight(
+    slides: Sequence[str | Path], checkpoint: str | Path, folders: Sequence[Path], skip_errors: bool = False,
+    config: Any = None, exports: Sequence[str] = DEFAULT_EXPORTS, overwrite: bool = False, **options: Any,
+) -> dict[str, str]:
+    """Check files, slides, outputs and options before torch or the model is loaded.
+
+    Returns {slide: error} of the slides that cannot run (only with `skip_errors`; otherwise the
+    first error is raised).
+    """
+    from wsiseg.engine.preflight import check_file, check_outputs, check_run_options, check_source
+
+    check_file(checkpoint, "checkpoint", "pass the .pth file `wsiseg train` wrote")
+    if not Path(checkpoint).is_file():
+        raise WsisegError(f"checkpoint {checkpoint} is a folder: pass the .pth file `wsiseg train` wrote")
+    if not isinstance(config, dict):
+        check_file(config, "config file", "pass the training YAML, or leave --config out")
+    check_file(options.get("weights"), "weights file", "pass the PFM weights the checkpoint was trained on to --weights")
+    check_run_options(**{key: options[key] for key in _RUN_OPTIONS if options.get(key) is not None})
+    if not slides:
+        raise WsisegError("no slides given: pass one or more slide files or tile stores")
+    failed = {}
+    for slide, folder in zip(slides, folders):
+        try:
+            check_source(slide, options.get("slide_mpp"))
+            check_outputs([folder], exports, overwrite)
+        except WsisegError as error:
+            if not skip_errors:
+                raise
+            failed[str(slide)] = str(error)
+    return failed
+
+
+_RUN_OPTIONS = ("mode", "blend", "overlap", "batch_size", "workers", "mpp", "slide_mpp", "window", "tissue")
 
 
 _PREDICTOR: dict[str, Any] = {}  # the last predictor loaded in this process (a dask worker keeps its model)
 
 
-def cached_predictor(checkpoint: str | Path, config: Any, device: Any, precision: str | None) -> Any:
+def cached_predictor(
+    checkpoint: str | Path, config: Any, device: Any, precision: str | None, weights: str | Path | None = None,
+    random_weights: bool = False,
+) -> Any:
     """`load_predictor`, reusing the model this process loaded last when the same one is asked for again."""
     checkpoint = Path(checkpoint)
     stamp = checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None  # missing: load_predictor says so
-    key = json.dumps([str(checkpoint.resolve()), stamp, config, str(device), precision], default=str)
+    key = json.dumps([str(checkpoint.resolve()), stamp, config, str(device), precision, weights, random_weights],
+                     default=str)
     if key not in _PREDICTOR:
         _PREDICTOR.clear()
-        _PREDICTOR[key] = load_predictor(checkpoint, config, device, precision)[0]
+        _PREDICTOR[key] = load_predictor(checkpoint, config, device, precision, weights, random_weights)[0]
     return _PREDICTOR[key]
 
 
 def _segment_one(slide: Path, out: Path, checkpoint: str, options: dict[str, Any]) -> SlideResult:
     """One slide, here or as a dask task (the model is loaded once per process)."""
     device = resolve_device(options.get("device", "auto"))
-    predictor = cached_predictor(checkpoint, options.get("config"), device, options.get("precision"))
+    predictor = cached_predictor(checkpoint, options.get("config"), device, options.get("precision"),
+                                 options.get("weights"), options.get("random_weights", False))
     summary = segment_slide(slide, checkpoint, out, predictor=predictor, **options)
     return SlideResult(
         Path(slide), Path(out), "skipped" if summary.get("reused") else "done", (summary["width"], summary["height"]),
@@ -176,11 +260,19 @@ def segment_slides(
         raise WsisegError("no slides given: pass one or more slide files or tile stores")
     paths = [Path(s) for s in slides]
     outputs = slide_outputs(paths, out)
+    failed = preflight(paths, checkpoint, outputs, skip_errors, **options)
     on_gpu = str(options.get("device") or "auto").startswith("cuda")
     options = {**options, "show_progress": options.get("show_progress", True) and not scheduler}
     task = partial(_segment_one, checkpoint=str(checkpoint), options=options)
-    with output_lock(out, "segment"), dask_client(scheduler) as client:
+    ready = [(path, output) for path, output in zip(paths, outputs) if str(path) not in failed]
+    with output_lock(out, "segment"), dask_client(scheduler if ready else None) as client:
         if client is not None and on_gpu:
             require_gpu_workers(client, scheduler)
-        return run_slides(paths, outputs, task, skip_errors=skip_errors, client=client,
+        done = run_slides([p for p, _ in ready], [o for _, o in ready], task, skip_errors=skip_errors, client=client,
                           resources={"GPU": 1} if on_gpu else None)
+    results = dict(zip([p for p, _ in ready], done))
+    for path, output in zip(paths, outputs):
+        if str(path) in failed:
+            log.error("%s: %s (skipped)", path.name, failed[str(path)])
+            results[path] = SlideResult(path, output, "failed", message=failed[str(path)])
+    return [results[path] for path in paths]

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from wsiseg.errors import WsisegError
+from wsiseg.progress import get_logger
 from wsiseg.store.masks import MaskStore
+
+log = get_logger("overlay")
 
 OVERLAY_MAX_SIDE = 2048
 ALPHA = 0.45
@@ -20,6 +25,41 @@ def overview_level(store: MaskStore, max_side: int = OVERLAY_MAX_SIDE) -> int:
         if max(store.level(index).shape) <= max_side:
             return index
     return store.num_levels - 1
+
+
+def source_picture(reader: Any, max_side: int = OVERLAY_MAX_SIDE) -> np.ndarray:
+    """The RGB overview an overlay is painted on, of a Slide or a TileStore.
+
+    A tile store shows its source slide when that is still there unchanged in size (so a store run
+    gives the overlay of the slide run), else its own pixels (white where no tile was stored).
+    """
+    from wsiseg.store.tiles import TileStore
+
+    if not isinstance(reader, TileStore):
+        return reader.thumbnail(max_side)
+    source = _store_source(reader)
+    if source is not None:
+        with source:
+            return source.thumbnail(max_side)
+    log.info("overlay of %s from its own tiles (its slide %s is not there)", reader.path.name, reader.source)
+    return reader.thumbnail(max_side)
+
+
+def _store_source(store: Any) -> Any:
+    """The tile store's source slide, opened, when it is still there with the size it had; else None."""
+    from wsiseg.slide import open_slide
+
+    path = Path(store.source)
+    if not path.is_file():
+        return None
+    try:
+        slide = open_slide(path, store.slide_mpp)
+    except WsisegError:
+        return None
+    if list(slide.level_dimensions[0]) != list(store.attrs.get("slide_dimensions", [])):
+        slide.close()
+        return None
+    return slide
 
 
 def colorize(labels: np.ndarray, colors: Sequence[Sequence[int]]) -> np.ndarray:

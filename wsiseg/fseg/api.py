@@ -30,14 +30,14 @@ def _paths(slides: str | Path | Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def _open(paths: list[Path], mpp: float, slide_mpp: float | None) -> list[Any]:
-    """Engine source views (slide files or `wsiseg tile` stores) at `mpp`."""
+def _open(paths: list[Path], mpp: float, slide_mpp: float | None, tissue: str | Path = "auto") -> list[Any]:
+    """Engine source views (slide files or `wsiseg tile` stores) at `mpp`, with the --tissue option."""
     from wsiseg.engine.run import open_source
 
     views: list[Any] = []
     try:
         for path in paths:
-            views.append(open_source(path, mpp, slide_mpp))
+            views.append(open_source(path, mpp, slide_mpp, tissue))
     except BaseException:
         _close(views)
         raise
@@ -112,17 +112,25 @@ def fit_concepts(
     device: str = "auto",
     seed: int = 0,
     overwrite: bool = False,
+    tissue: str | Path = "auto",
+    random_weights: bool = False,
 ) -> ConceptBank:
     """Fit a concept bank (k-means centres of token features, every k in one pass) on the tissue of slides.
 
-    The bank is written to `out` (safetensors) when given, and returned.
+    The bank is written to `out` (safetensors) when given, and returned. A registry PFM needs
+    `weights` (`random_weights` allows an untrained one, for tests).
     """
+    from wsiseg.engine.preflight import check_positive, check_weights
     from wsiseg.outputs import check_writable
+    from wsiseg.slide.tissue import check_tissue_option
 
     paths = _paths(slides)
+    check_tissue_option(tissue)
+    check_positive("--mpp", mpp)
+    check_weights(model, weights, random_weights)
     if out is not None:
         check_writable(Path(out), overwrite)
-    opened = _open(paths, mpp, slide_mpp)
+    opened = _open(paths, mpp, slide_mpp, tissue)
     try:
         extractor = load_extractor(model, weights, layer, device)
         _check_window(extractor, window)
@@ -154,6 +162,8 @@ def fseg_slide(
     fit_windows: int = 64,
     seed: int = 0,
     overwrite: bool = False,
+    tissue: str | Path = "auto",
+    random_weights: bool = False,
     **engine_options: Any,
 ) -> list[dict[str, Any]]:
     """Segment slides into k concepts: project token features on a bank, blend, argmax, write outputs.
@@ -161,40 +171,43 @@ def fseg_slide(
     Without `bank`, k concepts are first fitted on the tissue of the given slides (together, so
     labels agree across them) and saved as `out`/concepts.safetensors. Model, layer, MPP and
     window default to the bank's when it records them. One output folder per slide under `out`
-    when several slides are given, else `out` itself. Returns the engine's summaries.
+    when several slides are given, else `out` itself. `tissue`: auto (detect), all (the whole
+    image) or a PNG/GeoJSON mask file. A registry PFM needs `weights` (`random_weights` allows an
+    untrained one, for tests). Everything a user can get wrong is checked before the model loads.
+    Returns the engine's summaries.
     """
-    from wsiseg.engine.run import run_slide
+    from wsiseg.engine.preflight import check_outputs, check_run_options, check_weights
+    from wsiseg.engine.run import DEFAULT_EXPORTS, run_slide
     from wsiseg.fseg.predictor import FsegPredictor
 
     if mode not in MODES:
         raise WsisegError(f"unknown --mode {mode!r}: use one of {', '.join(MODES)}")
+    if k < 1:
+        raise WsisegError(f"--k must be a positive integer, got {k}")
     paths = _paths(slides)
     out = Path(out)
     loaded = load_bank(Path(bank)) if isinstance(bank, (str, Path)) else bank
+    concepts = None
     if loaded is not None:
         model = model or loaded.model
         layer = layer if layer is not None else (int(loaded.layer) if loaded.layer is not None else None)
         mpp = mpp or loaded.mpp
         window = window or loaded.window
-        loaded.get(k)  # k not in the bank, or another model: refuse before any heavy work
+        concepts = loaded.projection_concepts(k)  # k not in the bank, NaN: refuse before any heavy work
         if loaded.model is not None and model != loaded.model:
             loaded.check_compatible(model, loaded.feature_dim)
     model = model or DEFAULT_MODEL
     layer = DEFAULT_LAYER if layer is None else layer
     mpp = mpp or DEFAULT_MPP
     window = window or DEFAULT_WINDOW
-    if k < 1:
-        raise WsisegError(f"--k must be a positive integer, got {k}")
+    check_run_options(overlap=overlap, batch_size=batch_size, mpp=mpp, slide_mpp=slide_mpp, window=window,
+                      tissue=tissue, **{key: engine_options[key] for key in ("mode", "blend", "workers") if key in engine_options})
+    check_weights(model, weights, random_weights)
     targets = [out] if len(paths) == 1 else [out / p.stem for p in paths]
     if len({t.name for t in targets}) != len(targets):
         raise WsisegError("several slides share a file name: run them into separate --out folders")
-    from wsiseg.engine.run import DEFAULT_EXPORTS, output_paths
-    from wsiseg.outputs import check_writable
-
-    exports = engine_options.get("exports", DEFAULT_EXPORTS)
-    for target in targets:  # writable folders; existing outputs are judged by run_slide (finished: skipped)
-        check_writable(output_paths(target, exports)["summary"], overwrite=True)
-    opened = _open(paths, mpp, slide_mpp)
+    check_outputs(targets, engine_options.get("exports", DEFAULT_EXPORTS), overwrite)
+    opened = _open(paths, mpp, slide_mpp, tissue)
     try:
         from wsiseg.fseg.sampling import tissue_windows
 
@@ -209,10 +222,10 @@ def fseg_slide(
             out.mkdir(parents=True, exist_ok=True)
             save_bank(loaded, bank_path, overwrite=True)
             log.info("fitted k=%d concepts on the slide(s): saved as %s (reuse it with --bank)", k, bank_path)
+            concepts = loaded.projection_concepts(k)
         else:
             loaded.check_compatible(model, extractor.feature_dim, str(extractor.layer))
             bank_path = Path(bank) if isinstance(bank, (str, Path)) else None
-        concepts = loaded.get(k)
         predictor = FsegPredictor(extractor, concepts, mode=mode, scale_before_argmax=scale_before_argmax)
         info = {
             "name": model, "layer": extractor.layer, "feature_dim": extractor.feature_dim, "fseg": True, "k": k,
@@ -224,7 +237,7 @@ def fseg_slide(
         for view, target in zip(opened, targets):
             summaries.append(run_slide(
                 view, predictor, target, mpp=mpp, window=window, overlap=overlap, batch_size=batch_size,
-                device=str(extractor.device), overwrite=overwrite, model_info=info, **engine_options,
+                device=str(extractor.device), overwrite=overwrite, model_info=info, tissue=tissue, **engine_options,
             ))
         return summaries
     finally:

@@ -16,6 +16,9 @@ import numpy as np
 
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import atomic_output
+from wsiseg.progress import get_logger
+
+log = get_logger("fseg")
 
 FORMAT = "wsiseg-concept-bank"
 VERSION = "1"
@@ -35,13 +38,16 @@ class ConceptBank:
 
     def __post_init__(self) -> None:
         if not self.concepts:
-            raise ValueError("a concept bank needs at least one k")
+            raise WsisegError("a concept bank needs at least one k: pass a bank with one or more concept matrices")
+        for k, c in self.concepts.items():
+            if np.ndim(c) != 2 or np.shape(c)[0] != k:
+                raise WsisegError(f"the concept bank's k={k} entry must be a ({k}, D) matrix, got shape {np.shape(c)}")
         dims = {int(c.shape[1]) for c in self.concepts.values()}
         if len(dims) != 1:
-            raise ValueError(f"all concept matrices must share one feature size, got {sorted(dims)}")
-        for k, c in self.concepts.items():
-            if c.ndim != 2 or c.shape[0] != k:
-                raise ValueError(f"concepts for k={k} must be ({k}, D), got {c.shape}")
+            raise WsisegError(
+                f"a concept bank's matrices must share one feature length, got {sorted(dims)}: "
+                "pass a bank fitted with one model and layer"
+            )
         self.concepts = {int(k): np.ascontiguousarray(c, dtype=np.float32) for k, c in sorted(self.concepts.items())}
 
     @property
@@ -59,6 +65,35 @@ class ConceptBank:
         if k not in self.concepts:
             raise WsisegError(f"the concept bank has no k={k} (it has k = {', '.join(map(str, self.ks))}): pass one of those to --k")
         return self.concepts[k].copy()
+
+    def projection_concepts(self, k: int) -> np.ndarray:
+        """The (k, D) concepts a projection uses: finite, with negative entries set to 0.
+
+        Concepts are non-negative by definition (cluster centres of ReLU'd features); a bank made
+        elsewhere may hold negative entries, which the published F-Seg library sets to 0 before
+        projecting: so does this, with one warning giving their count and the most negative value.
+        NaN or infinite entries are an error.
+        """
+        concepts = self.get(k)
+        bad = ~np.isfinite(concepts)
+        if bad.any():
+            rows = sorted({int(r) for r in np.nonzero(bad)[0]})
+            raise WsisegError(
+                f"the concept bank's k={k} matrix holds {int(bad.sum())} NaN or infinite entries (in concept"
+                f"{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:8]))}{' ...' if len(rows) > 8 else ''}): "
+                "refit the bank with `wsiseg fseg-fit`, or fix it where it was made"
+            )
+        negative = concepts < 0
+        if negative.any():
+            log.warning(
+                "the concept bank's k=%d matrix has %d negative entries (most negative %.4g): set to 0, as the "
+                "F-Seg reference library does (concepts are non-negative)", k, int(negative.sum()), float(concepts.min()),
+            )
+            concepts[negative] = 0
+        if not concepts.any(axis=1).all():
+            empty = [int(i) for i in np.flatnonzero(~concepts.any(axis=1))]
+            log.warning("concept(s) %s of k=%d are all zero: no pixel can take them", ", ".join(map(str, empty)), k)
+        return concepts
 
     def check_compatible(self, model: str, feature_dim: int, layer: str | None = None) -> None:
         """Refuse a bank fitted for another model, layer or feature size."""

@@ -25,6 +25,7 @@ log = get_logger("fseg")
 def shared_bank(
     slides: list[Path], out: Path, k: int, model: str | None, weights: str | Path | None, layer: int | None,
     mpp: float | None, slide_mpp: float | None, window: int | None, fit_windows: int, seed: int, device: str,
+    tissue: str | Path = "auto", random_weights: bool = False,
 ) -> Path:
     """The bank fitted on all `slides` at <out>/concepts.safetensors: reused when it answers the same request."""
     from wsiseg.fseg.concepts import load_bank, save_bank
@@ -33,6 +34,7 @@ def shared_bank(
         "slides": [str(path.resolve()) for path in slides], "k": k, "model": model or DEFAULT_MODEL,
         "weights": str(weights) if weights else None, "layer": DEFAULT_LAYER if layer is None else layer,
         "mpp": mpp or DEFAULT_MPP, "window": window or DEFAULT_WINDOW, "fit_windows": fit_windows, "seed": seed,
+        "tissue": str(tissue),
     }))
     path = out / BANK_NAME
     if path.is_file():
@@ -44,7 +46,7 @@ def shared_bank(
             pass  # unreadable: fitted again below
     bank = fit_concepts(slides, None, ks=[k], model=request["model"], weights=weights, layer=request["layer"],
                         mpp=request["mpp"], slide_mpp=slide_mpp, window=request["window"], max_windows=fit_windows,
-                        device=device, seed=seed)
+                        device=device, seed=seed, tissue=tissue, random_weights=random_weights)
     bank.extra["request"] = request
     out.mkdir(parents=True, exist_ok=True)
     save_bank(bank, path, overwrite=True)
@@ -88,6 +90,8 @@ def fseg_slides(
     device: str = "auto",
     fit_windows: int = 64,
     seed: int = 0,
+    tissue: str | Path = "auto",
+    random_weights: bool = False,
     scheduler: str | None = None,
     skip_errors: bool = False,
     **options: Any,
@@ -109,9 +113,10 @@ def fseg_slides(
         if bank is None:
             fit_on = [path for path in paths if _opens(path, mpp, slide_mpp)] if skip_errors else paths
             bank = shared_bank(fit_on or paths, out, k, model, weights, layer, mpp, slide_mpp, window, fit_windows,
-                               seed, device)
+                               seed, device, tissue, random_weights)
         options = {**options, "k": k, "bank": str(bank), "model": model, "weights": weights, "layer": layer,
-                   "mpp": mpp, "slide_mpp": slide_mpp, "window": window, "device": device}
+                   "mpp": mpp, "slide_mpp": slide_mpp, "window": window, "device": device, "tissue": tissue,
+                   "random_weights": random_weights}
         if scheduler:
             options["show_progress"] = False
         with dask_client(scheduler) as client:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from skimage import draw, filters, morphology, segmentation
+from skimage import color, draw, filters, morphology, segmentation
 
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import atomic_file
@@ -15,43 +17,85 @@ from wsiseg.polygons import geometry_polygons, load_features
 from wsiseg.slide.mask import TissueMask
 from wsiseg.slide.reader import Slide, snap
 
-__all__ = ["TissueMask", "detect_tissue", "load_mask", "qc_picture", "save_png", "tissue_mask"]
+__all__ = [
+    "TissueMask", "TissueSettings", "check_tissue_option", "detect_tissue", "load_mask", "qc_picture", "resolve_tissue",
+    "save_png", "tissue_mask",
+]
 
-# Tissue is detected at this resolution (coarser for very large slides, so the mask stays small).
-MASK_MPP = 4.0
+# Tissue is detected at MASK_MPP, finer for small images (so the mask has at least MASK_MIN_SIDE pixels
+# along its longer side, never finer than the image) and coarser for very large ones (at most MASK_MAX_SIDE).
+MASK_MPP = 2.0
+MASK_MIN_SIDE = 1024
 MASK_MAX_SIDE = 4096
 COUNT_ROWS = 256  # rows of a label image counted at a time
 
+# Glass is bright and nearly colourless (saturation about 0.01-0.03 on the CMU scan); even pale stroma has
+# a saturation above 0.15. Otsu's threshold splits glass from tissue when both are present, but on an
+# all-tissue image it splits pale from dark tissue, so the threshold used is kept in this range.
+MIN_SATURATION = 0.05
+MAX_SATURATION = 0.12
+# Small fragments are kept when they hold nuclei: pixels whose haematoxylin optical density (colour
+# deconvolution) exceeds NUCLEUS_DENSITY, over at least NUCLEI_UM2 (one or two nuclei).
+NUCLEUS_DENSITY = 0.05
+NUCLEI_UM2 = 30.0
+# Minimum areas never exceed these shares of the image, so patches and small ROIs keep their tissue.
+MIN_AREA_IMAGE_SHARE = 0.01
+GAP_IMAGE_SHARE = 0.1
 
-def detect_tissue(
-    thumbnail_rgb: np.ndarray,
-    threshold: float | None = None,
-    min_saturation: float = 0.05,
-    closing_px: int = 2,
-    opening_px: int = 1,
-    min_area_px: int = 16,
-    fill_holes: bool = True,
-) -> np.ndarray:
-    """Boolean tissue mask of an RGB thumbnail on white background.
 
-    Pixels whose HSV saturation exceeds a threshold (Otsu's, but never below `min_saturation`,
-    so a blank slide stays empty) are tissue; then a closing and an opening (disk radii in
-    pixels), removal of components smaller than `min_area_px`, and filling of holes.
+@dataclass(frozen=True)
+class TissueSettings:
+    """What `auto` detection does, with sizes in micrometres so they mean the same at any resolution.
+
+    `threshold` (saturation, 0-1) replaces the automatic one. Pieces of at least `min_area_um2` are
+    tissue; smaller ones of at least `min_fragment_um2` are kept when they hold nuclei. Background
+    enclosed by tissue is filled, and so is background touching the image edge when smaller than
+    `max_gap_um2` (a lumen cut by the edge of a crop is tissue, as it would be in the whole slide).
     """
-    saturation = _smoothed_saturation(np.asarray(thumbnail_rgb))
-    if threshold is None:
-        spread = float(saturation.max() - saturation.min())
-        threshold = filters.threshold_otsu(saturation) if spread > 1e-6 else 1.0
-    mask = saturation > max(float(threshold), min_saturation)
+
+    threshold: float | None = None
+    closing_um: float = 8.0
+    min_area_um2: float = 2_000.0
+    min_fragment_um2: float = 150.0
+    max_gap_um2: float = 20_000.0
+    fill_holes: bool = True
+
+
+def auto_threshold(saturation: np.ndarray) -> float:
+    """Otsu's threshold of a saturation image, kept within [MIN_SATURATION, MAX_SATURATION]."""
+    spread = float(saturation.max() - saturation.min()) if saturation.size else 0.0
+    otsu = float(filters.threshold_otsu(saturation)) if spread > 1e-6 else 1.0
+    return min(max(otsu, MIN_SATURATION), MAX_SATURATION)
+
+
+def detect_tissue(thumbnail_rgb: np.ndarray, mpp: float, settings: TissueSettings | None = None) -> np.ndarray:
+    """Boolean tissue mask of an RGB image on white background whose pixels are `mpp` micrometres wide.
+
+    Tissue is saturated (HSV saturation above `auto_threshold`, or the given threshold); a closing
+    joins what a few micrometres separate; pieces smaller than the minimum area are dropped unless
+    they hold nuclei; enclosed background and small gaps at the image edge are filled. Minimum areas
+    are capped at a share of the image, so an image without background is all tissue.
+    """
+    settings = settings or TissueSettings()
+    rgb = np.asarray(thumbnail_rgb)[..., :3]
+    pixel_um2 = mpp * mpp
+    image_um2 = rgb.shape[0] * rgb.shape[1] * pixel_um2
+    saturation = _smoothed_saturation(rgb)
+    threshold = auto_threshold(saturation) if settings.threshold is None else float(settings.threshold)
+    mask = saturation > threshold
     del saturation  # the morphology below needs the memory more
-    if closing_px > 0:
-        mask = morphology.closing(mask, morphology.disk(closing_px))
-    if opening_px > 0:
-        mask = morphology.opening(mask, morphology.disk(opening_px))
-    if min_area_px > 1 and mask.any():
-        mask = _drop_small_components(mask, min_area_px)
-    if fill_holes:
+    radius = snap(settings.closing_um / mpp)
+    if radius > 0 and mask.any():
+        mask = morphology.closing(mask, morphology.disk(radius, decomposition="sequence"))
+    min_area = min(settings.min_area_um2, MIN_AREA_IMAGE_SHARE * image_um2) / pixel_um2
+    min_fragment = min(settings.min_fragment_um2, min_area * pixel_um2) / pixel_um2
+    if min_area > 1 and mask.any():
+        mask = _keep_tissue_pieces(mask, rgb, min_area, min_fragment, NUCLEI_UM2 / pixel_um2)
+    if settings.fill_holes:
         mask = ndimage.binary_fill_holes(mask)
+        max_gap = min(settings.max_gap_um2, GAP_IMAGE_SHARE * image_um2) / pixel_um2
+        if max_gap >= 1 and mask.any():
+            mask |= ~_drop_small_components(~mask, max_gap)
     return np.asarray(mask, dtype=bool)
 
 
@@ -63,48 +107,61 @@ def _smoothed_saturation(rgb: np.ndarray) -> np.ndarray:
     return ndimage.uniform_filter(saturation, size=3)
 
 
-def _drop_small_components(mask: np.ndarray, min_area_px: int) -> np.ndarray:
+def _component_sizes(labels: np.ndarray, count: int) -> np.ndarray:
+    """Pixels per label of a label image (bincount copies to int64: a block of rows at a time)."""
+    sizes = np.zeros(count + 1, np.int64)
+    for rows in range(0, labels.shape[0], COUNT_ROWS):
+        sizes += np.bincount(labels[rows : rows + COUNT_ROWS].ravel(), minlength=count + 1)
+    return sizes
+
+
+def _drop_small_components(mask: np.ndarray, min_area_px: float) -> np.ndarray:
     """Keep the 4-connected components of at least `min_area_px` pixels (int32 labels: a third of
     the memory skimage's remove_small_objects takes on large thumbnails)."""
     labels, count = ndimage.label(mask, output=np.int32)
-    sizes = np.zeros(count + 1, np.int64)
-    for rows in range(0, labels.shape[0], COUNT_ROWS):  # bincount copies its input to int64: a block at a time
-        sizes += np.bincount(labels[rows : rows + COUNT_ROWS].ravel(), minlength=count + 1)
-    keep = sizes >= min_area_px
+    keep = _component_sizes(labels, count) >= min_area_px
     keep[0] = False
     return keep[labels]
 
 
+def nucleus_pixels(rgb: np.ndarray) -> np.ndarray:
+    """Pixels whose haematoxylin optical density (Ruifrok-Johnston deconvolution) marks nuclei."""
+    return color.rgb2hed(rgb)[..., 0] > NUCLEUS_DENSITY
+
+
+def _keep_tissue_pieces(
+    mask: np.ndarray, rgb: np.ndarray, min_area_px: float, min_fragment_px: float, nuclei_px: float
+) -> np.ndarray:
+    """Pieces of at least `min_area_px`, and fragments of at least `min_fragment_px` holding nuclei."""
+    labels, count = ndimage.label(mask, output=np.int32)
+    sizes = _component_sizes(labels, count)
+    keep = sizes >= min_area_px
+    keep[0] = False
+    fragments = np.flatnonzero((sizes >= min_fragment_px) & ~keep)
+    fragments = fragments[fragments > 0]
+    if fragments.size:
+        boxes = ndimage.find_objects(labels)
+        for label in fragments:
+            box = boxes[label - 1]
+            inside = labels[box] == label
+            keep[label] = int(nucleus_pixels(rgb[box])[inside].sum()) >= nuclei_px
+    return keep[labels]
+
+
 def mask_mpp_for(slide: Slide, mask_mpp: float | None = None) -> float:
-    """The resolution tissue is detected at: MASK_MPP, coarser when the mask would exceed MASK_MAX_SIDE."""
+    """The resolution tissue is detected at: MASK_MPP (or `mask_mpp`), finer for small images (a mask of
+    at least MASK_MIN_SIDE pixels, never finer than the image), coarser beyond MASK_MAX_SIDE pixels."""
     bounds = slide.bounds
     longest = max(bounds.width, bounds.height) * slide.mpp
-    return max(mask_mpp or MASK_MPP, slide.mpp, longest / MASK_MAX_SIDE)
+    wanted = mask_mpp if mask_mpp is not None else min(MASK_MPP, longest / MASK_MIN_SIDE)
+    return max(wanted, slide.mpp, longest / MASK_MAX_SIDE)
 
 
-def tissue_mask(
-    slide: Slide,
-    mask_mpp: float | None = None,
-    threshold: float | None = None,
-    min_saturation: float = 0.05,
-    closing_um: float = 16.0,
-    opening_um: float = 8.0,
-    min_area_um2: float = 20_000.0,
-    fill_holes: bool = True,
-) -> TissueMask:
-    """Detect tissue on a thumbnail of `slide`; sizes are given in micrometres so they mean the same at any MPP."""
+def tissue_mask(slide: Slide, mask_mpp: float | None = None, settings: TissueSettings | None = None) -> TissueMask:
+    """Detect tissue on a thumbnail of `slide` (see `detect_tissue`)."""
     mpp = mask_mpp_for(slide, mask_mpp)
     thumbnail = slide.read_whole(mpp / slide.mpp)
-    mask = detect_tissue(
-        thumbnail,
-        threshold=threshold,
-        min_saturation=min_saturation,
-        closing_px=snap(closing_um / mpp),
-        opening_px=snap(opening_um / mpp),
-        min_area_px=max(1, snap(min_area_um2 / mpp**2)),
-        fill_holes=fill_holes,
-    )
-    return TissueMask(mask, mpp)
+    return TissueMask(detect_tissue(thumbnail, mpp, settings), mpp)
 
 
 def _mask_from_png(path: Path, slide: Slide) -> TissueMask:
@@ -144,13 +201,72 @@ def load_mask(path: str | Path, slide: Slide, mask_mpp: float | None = None) -> 
     in level-0 pixel coordinates of the slide file."""
     path = Path(path)
     if not path.is_file():
-        raise WsisegError(f"no such mask file: {path}; check the --tissue-mask path")
+        raise WsisegError(f"no such mask file: {path}; check the --tissue path")
     if path.suffix.lower() in (".geojson", ".json"):
         return _mask_from_geojson(path, slide, mask_mpp)
     try:
         return _mask_from_png(path, slide)
     except OSError as error:
         raise WsisegError(f"mask {path.name} is not a readable image ({error}); pass a PNG or GeoJSON mask") from None
+
+
+TISSUE_MODES = ("auto", "all")
+MASK_SUFFIXES = (".png", ".geojson", ".json")
+
+
+def check_tissue_option(tissue: str | Path | None) -> str | Path:
+    """`auto`, `all` or the path of an existing PNG or GeoJSON mask; a WsisegError otherwise (a cheap check
+    made before any slide is read or model loaded)."""
+    if tissue is None or str(tissue) in TISSUE_MODES:
+        return "auto" if tissue is None else str(tissue)
+    path = Path(tissue)
+    if path.suffix.lower() not in MASK_SUFFIXES:
+        raise WsisegError(
+            f"--tissue {tissue}: use auto (detect), all (the whole image) or a .png or .geojson mask file"
+        )
+    if not path.is_file():
+        raise WsisegError(f"no such tissue mask file: {path}; check the --tissue path")
+    return path
+
+
+def full_mask(slide: Slide) -> TissueMask:
+    """A mask that makes the whole image tissue (`--tissue all`)."""
+    mpp = mask_mpp_for(slide)
+    bounds = slide.bounds
+    shape = (max(1, snap(bounds.height * slide.mpp / mpp)), max(1, snap(bounds.width * slide.mpp / mpp)))
+    return TissueMask(np.ones(shape, bool), mpp)
+
+
+def resolve_tissue(
+    tissue: str | Path | None, slide: Slide, settings: TissueSettings | None = None
+) -> tuple[TissueMask, str]:
+    """The tissue mask `--tissue` asks for (auto: detected, all: everything, else a mask file) and where it
+    came from ("detected", "all" or the mask's path)."""
+    tissue = check_tissue_option(tissue)
+    if tissue == "auto":
+        return tissue_mask(slide, settings=settings), "detected"
+    if tissue == "all":
+        return full_mask(slide), "all"
+    return load_mask(tissue, slide), str(Path(tissue).resolve())
+
+
+@dataclass(frozen=True)
+class _StoreFrame:
+    """What the mask readers need of a tile store: its source slide's bounds and base MPP."""
+
+    bounds: Any
+    mpp: float
+
+
+def resolve_source_tissue(tissue: str | Path | None, reader: Any, is_store: bool) -> TissueMask:
+    """`resolve_tissue` for a Slide, or for a TileStore, whose `auto` is the mask it was tiled with."""
+    if not is_store:
+        return resolve_tissue(tissue, reader)[0]
+    tissue = check_tissue_option(tissue)
+    if tissue == "auto":
+        return reader.tissue
+    frame = _StoreFrame(reader.bounds, reader.slide_mpp)
+    return full_mask(frame) if tissue == "all" else load_mask(tissue, frame)  # type: ignore[arg-type]
 
 
 def qc_picture(

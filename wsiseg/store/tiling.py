@@ -18,7 +18,7 @@ from wsiseg.outputs import check_writable, partial_path, publish, remove
 from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.slide.grid import Grid
 from wsiseg.slide.reader import Slide, open_slide
-from wsiseg.slide.tissue import TissueMask, load_mask, qc_picture, save_png, tissue_mask
+from wsiseg.slide.tissue import TissueMask, TissueSettings, check_tissue_option, qc_picture, resolve_tissue, save_png
 from wsiseg.store.tiles import (
     IMAGE, LOG_SUFFIX, QC_SUFFIX, TileStore, create_store, mark_complete, sidecar, write_pyramid, write_tiles,
 )
@@ -174,27 +174,31 @@ def tile_slide(
     tissue_options: dict[str, Any] | None = None,
     client: Any = None,
     progress: bool = True,
+    tissue: str | Path = "auto",
 ) -> TileStore:
     """Tile one slide's tissue at `mpp` into the zarr store `out` (resuming an interrupted run).
 
     `workers`: threads of this process (auto: min(4, cores); 0 = in this thread); `scheduler`:
     address of an existing dask cluster instead; `client`: an open dask client to reuse. A store
-    a finished run with the same settings left at `out` is returned as it is.
+    a finished run with the same settings left at `out` is returned as it is. `tissue`: auto
+    (detect, with `tissue_options` as TissueSettings fields), all, or a mask file
+    (`tissue_mask_path` is the same as passing the file as `tissue`).
     """
     if tile < 16:
         raise WsisegError(f"--tile must be at least 16 pixels, got {tile}")
     tile_workers(workers)
+    tissue = check_tissue_option(tissue_mask_path if tissue_mask_path is not None else tissue)
     if not isinstance(slide, Slide):
         with open_slide(slide, slide_mpp) as opened:
-            return _tile(opened, Path(out), mpp, tile, workers, scheduler, overwrite, tissue_mask_path,
-                         tissue_options, client, progress)[0]
-    return _tile(slide, Path(out), mpp, tile, workers, scheduler, overwrite, tissue_mask_path, tissue_options,
-                 client, progress)[0]
+            return _tile(opened, Path(out), mpp, tile, workers, scheduler, overwrite, tissue, tissue_options,
+                         client, progress)[0]
+    return _tile(slide, Path(out), mpp, tile, workers, scheduler, overwrite, tissue, tissue_options, client,
+                 progress)[0]
 
 
 def _tile(
     slide: Slide, out: Path, mpp: float, tile: int, workers: int | str | None, scheduler: str | None, overwrite: bool,
-    tissue_mask_path: str | Path | None, tissue_options: dict[str, Any] | None, client: Any, progress: bool,
+    tissue: str | Path, tissue_options: dict[str, Any] | None, client: Any, progress: bool,
 ) -> tuple[TileStore, int | None]:
     """`tile_slide` of an open slide: (the store, tiles written, or None when a finished run is reused)."""
     threads = tile_workers(workers)
@@ -217,11 +221,8 @@ def _tile(
     with log_to_file(_log_path(out)):
         if store is None:
             log.info("%s: detecting tissue", slide.path.name)
-            if tissue_mask_path is not None:
-                tissue, source = load_mask(tissue_mask_path, slide), str(Path(tissue_mask_path).resolve())
-            else:
-                tissue, source = tissue_mask(slide, **(tissue_options or {})), "detected"
-            store = _new_store(partial, slide, settings, tissue, source)
+            mask, source = resolve_tissue(tissue, slide, TissueSettings(**(tissue_options or {})))
+            store = _new_store(partial, slide, settings, mask, source)
         else:
             log.info("%s: resuming the interrupted run in %s", slide.path.name, partial)
             store.remove_temporaries()
@@ -293,6 +294,7 @@ def tile_slides(
     tissue_mask_path: str | Path | None = None,
     tissue_options: dict[str, Any] | None = None,
     progress: bool = True,
+    tissue: str | Path = "auto",
 ) -> list[SlideResult]:
     """Tile several slides, a store each (`slide_outputs`, suffix .zarr), sharing one dask client.
 
@@ -304,10 +306,11 @@ def tile_slides(
     paths = [Path(s) for s in slides]
     if not paths:
         raise WsisegError("no slides given: pass one or more slide files")
-    if tissue_mask_path is not None and len(paths) > 1:
+    tissue = check_tissue_option(tissue_mask_path if tissue_mask_path is not None else tissue)
+    if isinstance(tissue, Path) and len(paths) > 1:
         raise WsisegError("a tissue mask file applies to one slide: tile the slides one at a time")
     stores = slide_outputs(paths, out, ".zarr")
-    options = {"tile": tile, "workers": workers, "overwrite": overwrite, "tissue_mask_path": tissue_mask_path,
+    options = {"tile": tile, "workers": workers, "overwrite": overwrite, "tissue": tissue,
                "tissue_options": tissue_options, "progress": progress}
     with output_lock(Path(out), "tile"):
         opened: dict[Path, Slide] = {}

@@ -1,0 +1,126 @@
+"""Checks made before torch, a model or a cluster is loaded, so a user error arrives within a second.
+
+`segment` and `fseg` call these first: every input opens and has an MPP, every output can be
+written, and the options are in range. What they accept here, the run accepts later.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from wsiseg.errors import WsisegError
+
+
+def check_file(path: str | Path | None, what: str, hint: str) -> None:
+    """A WsisegError naming `what` and `hint` unless `path` (when given) is an existing file or folder."""
+    if path is not None and not Path(path).exists():
+        raise WsisegError(f"no such {what}: {path}; {hint}")
+
+
+def check_source(path: str | Path, slide_mpp: float | None = None) -> None:
+    """The slide file or tile store at `path` opens and has a resolution (its metadata or `slide_mpp`)."""
+    from wsiseg.engine.run import is_tile_store
+
+    path = Path(path)
+    if is_tile_store(path):
+        from wsiseg.store.tiles import TileStore
+
+        TileStore.open(path)
+        return
+    from wsiseg.slide import open_slide
+
+    with open_slide(path, slide_mpp) as slide:
+        slide.mpp  # noqa: B018 - raises when the slide has no MPP and none was passed
+
+
+def check_sources(slides: Sequence[str | Path], slide_mpp: float | None = None, skip_errors: bool = False) -> dict[str, str]:
+    """{slide: error} of the slides that fail `check_source`; without `skip_errors` the first error is raised."""
+    if not slides:
+        raise WsisegError("no slides given: pass one or more slide files or tile stores")
+    failed = {}
+    for slide in slides:
+        try:
+            check_source(slide, slide_mpp)
+        except WsisegError as error:
+            if not skip_errors:
+                raise
+            failed[str(slide)] = str(error)
+    return failed
+
+
+def check_positive(name: str, value: float | None) -> None:
+    """A WsisegError unless `value` is None or a finite positive number."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise WsisegError(f"{name} must be a positive number, got {value}")
+
+
+def check_run_options(
+    mode: str = "windowslide",
+    blend: str = "gaussian",
+    overlap: float = 0.25,
+    batch_size: int = 1,
+    workers: int | str = 0,
+    mpp: float | None = None,
+    slide_mpp: float | None = None,
+    window: int | None = None,
+    tissue: Any = "auto",
+) -> None:
+    """The engine options of `run_slide`, checked without opening anything."""
+    from wsiseg.engine.blend import BLEND_MODES
+    from wsiseg.engine.loader import parse_workers
+    from wsiseg.engine.run import MODES
+    from wsiseg.slide.tissue import check_tissue_option
+
+    if mode not in MODES:
+        raise WsisegError(f"unknown mode {mode!r}: use {' or '.join(MODES)}")
+    if blend not in BLEND_MODES:
+        raise WsisegError(f"unknown blend {blend!r}: use {' or '.join(BLEND_MODES)}")
+    if not 0 <= overlap < 1:
+        raise WsisegError(f"--overlap must be a fraction of the window in [0, 1), got {overlap}")
+    if batch_size < 1:
+        raise WsisegError(f"--batch-size must be at least 1, got {batch_size}")
+    parse_workers(workers, "cpu")
+    check_positive("--mpp", mpp)
+    check_positive("--slide-mpp", slide_mpp)
+    if window is not None and window < 1:
+        raise WsisegError(f"--window must be at least 1 pixel, got {window}")
+    check_tissue_option(tissue)
+
+
+def check_outputs(folders: Sequence[Path], exports: Sequence[str], overwrite: bool) -> None:
+    """Every slide's folder can be written and the exports are known formats.
+
+    Outputs already there are judged by the run (`finished_run`): a finished run with the same
+    settings is skipped, one with other settings refused without `overwrite`.
+    """
+    from wsiseg.engine.run import SUMMARY_NAME, output_paths
+    from wsiseg.outputs import check_writable
+
+    for folder in folders:
+        output_paths(Path(folder), exports)
+        check_writable(Path(folder) / SUMMARY_NAME, overwrite=True)
+
+
+def needs_weights(model: str) -> bool:
+    """Whether `model` is a registry PFM whose weights the user must supply (it ships no default weights).
+
+    `timm:<architecture>` backbones are generic architectures, not PFMs: they may run on random weights.
+    """
+    from wsiseg.models.registry import entry
+
+    return not model.startswith("timm:") and entry(model).default_weights is None
+
+
+def check_weights(model: str, weights: str | Path | None, random_weights: bool = False) -> None:
+    """Refuse to run a registry PFM on random weights unless asked to (`--random-weights`)."""
+    if weights is not None:
+        check_file(weights, "weights file", f"pass the {model} weights you downloaded to --weights")
+        return
+    if needs_weights(model) and not random_weights:
+        raise WsisegError(
+            f"{model} needs its pretrained weights: pass the downloaded weights file or folder with --weights "
+            "(or --random-weights to run it untrained, for tests and benchmarks only)"
+        )
