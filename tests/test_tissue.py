@@ -11,7 +11,9 @@ from skimage import color
 
 from wsiseg.errors import WsisegError
 from wsiseg.slide import open_slide
-from wsiseg.slide.tissue import TissueSettings, check_tissue_option, detect_tissue, load_mask, qc_picture, resolve_tissue, tissue_mask
+from wsiseg.slide.tissue import (
+    TissueSettings, check_tissue_option, detect_tissue, load_mask, qc_picture, resolve_tissue, tissue_mask,
+)
 
 
 @pytest.fixture(scope="module")

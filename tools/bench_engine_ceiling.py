@@ -12,7 +12,8 @@
    write (tissue clip and mask store, writer thread).
 2. Model: segment (the demo model: EfficientNet-Lite0 + fused decoder, 256 px, 4 classes) and F-Seg
    (EfficientNet-Lite0 features, k = 8, 512 px) end to end on the CMU slide at 0.5 MPP against the
-   bare predictor forward on random windows of the same batch size (goal: segment >= 0.9).
+   bare predictor forward on random windows of the same batch size and memory layout (goal: segment
+   >= 0.9); for F-Seg also against its feature forward alone.
 
 Both sides of every ratio run alternately in the same process, `--repeats` times; the best run of
 each counts. The load average is printed: say in a report when the machine was shared.
@@ -211,10 +212,14 @@ def ceiling(slide: Path, mpps: list[float], workers: list[int], repeats: int, fo
 
 
 def bare_rate(predictor: Any, batch_size: int, window: int, windows: int) -> float:
-    """Windows/s of predictor.predict on random windows (`windows` of them, after one warm-up batch)."""
+    """Windows/s of predictor.predict on random windows (`windows` of them, after one warm-up batch).
+
+    The windows have the loader's memory layout (a permuted NHWC batch): convolutions on the CPU run
+    at another speed on channels-last input.
+    """
     import torch
 
-    batch = torch.rand(batch_size, 3, window, window)
+    batch = torch.rand(batch_size, window, window, 3).permute(0, 3, 1, 2)
     predictor.predict(batch)
     started = time.perf_counter()
     for _ in range(max(1, math.ceil(windows / batch_size))):
@@ -222,20 +227,34 @@ def bare_rate(predictor: Any, batch_size: int, window: int, windows: int) -> flo
     return max(1, math.ceil(windows / batch_size)) * batch_size / (time.perf_counter() - started)
 
 
+class FeaturesOnly:
+    """An F-Seg predictor's feature forward alone (no projection, no upsampling)."""
+
+    def __init__(self, predictor: Any) -> None:
+        self.extractor = predictor.extractor
+
+    def predict(self, batch: Any) -> Any:
+        return self.extractor(batch)
+
+
 def engine_vs_bare(name: str, predictor: Any, slide: Path, window: int, batch_size: int, workers: int, repeats: int,
-                   folder: Path) -> dict[str, Any]:
-    """`run_slide` with `predictor` at 0.5 MPP vs its bare forward, alternating; best of each."""
+                   folder: Path, features_only: Any = None) -> dict[str, Any]:
+    """`run_slide` with `predictor` at 0.5 MPP vs its bare forward (and `features_only`'s), alternating; best of each."""
     from wsiseg.engine.run import run_slide
 
-    engine, bare = [], []
+    engine, bare, features = [], [], []
     for _ in range(repeats):
         summary = run_slide(slide, predictor, folder / name, mpp=0.5, window=window, batch_size=batch_size,
                             device="cpu", workers=workers, overwrite=True, exports=(), show_progress=False)
         engine.append(summary["tiles_per_s"])
         bare.append(bare_rate(predictor, batch_size, window, summary["windows_run"]))
+        if features_only is not None:
+            features.append(bare_rate(features_only, batch_size, window, summary["windows_run"]))
     row = {"predictor": name, "window": window, "batch_size": batch_size, "workers": workers,
            "windows": summary["windows_run"], "bare_per_s": round(max(bare), 2), "engine_per_s": round(max(engine), 2),
            "ratio": round(max(engine) / max(bare), 3)}
+    if features:
+        row.update(bare_features_per_s=round(max(features), 2), ratio_to_features=round(max(engine) / max(features), 3))
     print(json.dumps(row), flush=True)
     return row
 
@@ -258,11 +277,11 @@ def model_part(workers: int, repeats: int, folder: Path) -> list[dict[str, Any]]
     rows = [engine_vs_bare("segment (demo model)", segmenter, slide, config["model"]["input_size"], 16, workers,
                            repeats, folder)]
     bank = folder / "bank.safetensors"
-    wsiseg.fit_concepts(slide, bank, ks=[8], mpp=0.5, window=WINDOW, device="cpu")
+    wsiseg.fit_concepts(slide, bank, ks=[8], mpp=0.5, window=WINDOW, device="cpu", overwrite=True)
     from wsiseg.fseg.concepts import load_bank
 
     fseg = FsegPredictor(load_extractor(device="cpu"), load_bank(bank).get(8))
-    rows.append(engine_vs_bare("fseg k=8", fseg, slide, WINDOW, 8, workers, repeats, folder))
+    rows.append(engine_vs_bare("fseg k=8", fseg, slide, WINDOW, 8, workers, repeats, folder, FeaturesOnly(fseg)))
     return rows
 
 

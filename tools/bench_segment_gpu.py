@@ -246,7 +246,7 @@ def jpeg_tiles(slide: Path, limit: int) -> list[bytes]:
 
     streams = []
     with tifffile.TiffFile(slide) as tif:
-        page = tif.pages.first
+        page = tif.pages[0]
         tables = page.jpegtables
         handle = tif.filehandle
         for offset, count in list(zip(page.dataoffsets, page.databytecounts))[:limit]:

@@ -79,6 +79,9 @@ def tile_command(
 ) -> None:
     """Detect tissue on SLIDES and write their tissue tiles at --mpp into zarr stores (resumable)."""
     from wsiseg.progress import setup_console_logging
+    from wsiseg.slide.mask import check_tissue_option
+
+    check_tissue_option(tissue_mask or tissue)  # before dask and the imaging libraries load
     from wsiseg.driver import check_results, summary_table
     from wsiseg.store.tiling import tile_slides
 

@@ -22,9 +22,11 @@ def check_file(path: str | Path | None, what: str, hint: str) -> None:
 
 def check_source(path: str | Path, slide_mpp: float | None = None) -> None:
     """The slide file or tile store at `path` opens and has a resolution (its metadata or `slide_mpp`)."""
+    path = Path(path)
+    if not path.exists():  # before the slide readers are even imported
+        raise WsisegError(f"no such slide file: {path}; check the path")
     from wsiseg.engine.run import is_tile_store
 
-    path = Path(path)
     if is_tile_store(path):
         from wsiseg.store.tiles import TileStore
 
@@ -34,21 +36,6 @@ def check_source(path: str | Path, slide_mpp: float | None = None) -> None:
 
     with open_slide(path, slide_mpp) as slide:
         slide.mpp  # noqa: B018 - raises when the slide has no MPP and none was passed
-
-
-def check_sources(slides: Sequence[str | Path], slide_mpp: float | None = None, skip_errors: bool = False) -> dict[str, str]:
-    """{slide: error} of the slides that fail `check_source`; without `skip_errors` the first error is raised."""
-    if not slides:
-        raise WsisegError("no slides given: pass one or more slide files or tile stores")
-    failed = {}
-    for slide in slides:
-        try:
-            check_source(slide, slide_mpp)
-        except WsisegError as error:
-            if not skip_errors:
-                raise
-            failed[str(slide)] = str(error)
-    return failed
 
 
 def check_positive(name: str, value: float | None) -> None:
@@ -72,7 +59,7 @@ def check_run_options(
     from wsiseg.engine.blend import BLEND_MODES
     from wsiseg.engine.loader import parse_workers
     from wsiseg.engine.run import MODES
-    from wsiseg.slide.tissue import check_tissue_option
+    from wsiseg.slide.mask import check_tissue_option
 
     if mode not in MODES:
         raise WsisegError(f"unknown mode {mode!r}: use {' or '.join(MODES)}")

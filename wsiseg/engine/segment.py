@@ -69,7 +69,8 @@ def check_backbone_weights(payload: dict[str, Any], effective: dict[str, Any], r
         )
     if weights is None and needs_weights(model["name"]) and not random_weights:
         raise WsisegError(
-            f"this checkpoint keeps only its decoder{' and adapter' if payload.get('backbone_state') == 'adapter' else ''}: "
+            f"this checkpoint keeps only its decoder{' and adapter' if payload.get('backbone_state') == 'adapter' else ''}"
+            ": "
             f"its {model['name']} backbone is rebuilt from the PFM weights; pass them with --weights "
             "(or --random-weights for an untrained backbone, for tests only)"
         )
@@ -260,7 +261,13 @@ def segment_slides(
         raise WsisegError("no slides given: pass one or more slide files or tile stores")
     paths = [Path(s) for s in slides]
     outputs = slide_outputs(paths, out)
-    failed = preflight(paths, checkpoint, outputs, skip_errors, **options)
+    if scheduler:  # paths are the workers' to open: only the options are checked here
+        from wsiseg.engine.preflight import check_run_options
+
+        check_run_options(**{key: options[key] for key in _RUN_OPTIONS if options.get(key) is not None})
+        failed: dict[str, str] = {}
+    else:
+        failed = preflight(paths, checkpoint, outputs, skip_errors, **options)
     on_gpu = str(options.get("device") or "auto").startswith("cuda")
     options = {**options, "show_progress": options.get("show_progress", True) and not scheduler}
     task = partial(_segment_one, checkpoint=str(checkpoint), options=options)

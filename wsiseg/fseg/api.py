@@ -122,7 +122,7 @@ def fit_concepts(
     """
     from wsiseg.engine.preflight import check_positive, check_weights
     from wsiseg.outputs import check_writable
-    from wsiseg.slide.tissue import check_tissue_option
+    from wsiseg.slide.mask import check_tissue_option
 
     paths = _paths(slides)
     check_tissue_option(tissue)
@@ -176,7 +176,7 @@ def fseg_slide(
     untrained one, for tests). Everything a user can get wrong is checked before the model loads.
     Returns the engine's summaries.
     """
-    from wsiseg.engine.preflight import check_outputs, check_run_options, check_weights
+    from wsiseg.engine.preflight import check_outputs, check_run_options, check_source, check_weights
     from wsiseg.engine.run import DEFAULT_EXPORTS, run_slide
     from wsiseg.fseg.predictor import FsegPredictor
 
@@ -200,9 +200,12 @@ def fseg_slide(
     layer = DEFAULT_LAYER if layer is None else layer
     mpp = mpp or DEFAULT_MPP
     window = window or DEFAULT_WINDOW
+    engine_checked = {key: engine_options[key] for key in ("blend", "workers") if key in engine_options}
     check_run_options(overlap=overlap, batch_size=batch_size, mpp=mpp, slide_mpp=slide_mpp, window=window,
-                      tissue=tissue, **{key: engine_options[key] for key in ("mode", "blend", "workers") if key in engine_options})
+                      tissue=tissue, **engine_checked)
     check_weights(model, weights, random_weights)
+    for path in paths:
+        check_source(path, slide_mpp)
     targets = [out] if len(paths) == 1 else [out / p.stem for p in paths]
     if len({t.name for t in targets}) != len(targets):
         raise WsisegError("several slides share a file name: run them into separate --out folders")
@@ -213,7 +216,7 @@ def fseg_slide(
 
         for view in opened:
             if not tissue_windows(view, window, mpp):
-                raise WsisegError(f"no tissue found in {view.path}: check the slide, or pass a tissue-rich slide")
+                raise WsisegError(f"no tissue found in {view.path}: check the slide, or pass --tissue all or a mask file")
         extractor = load_extractor(model, weights, layer, device)
         _check_window(extractor, window)
         if loaded is None:

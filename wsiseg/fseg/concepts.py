@@ -87,7 +87,8 @@ class ConceptBank:
         if negative.any():
             log.warning(
                 "the concept bank's k=%d matrix has %d negative entries (most negative %.4g): set to 0, as the "
-                "F-Seg reference library does (concepts are non-negative)", k, int(negative.sum()), float(concepts.min()),
+                "F-Seg reference library does (concepts are non-negative)",
+                k, int(negative.sum()), float(concepts.min()),
             )
             concepts[negative] = 0
         if not concepts.any(axis=1).all():

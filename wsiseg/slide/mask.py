@@ -1,12 +1,16 @@
-"""TissueMask: a boolean mask over a slide at a known MPP, asked whether boxes at any MPP hold tissue."""
+"""TissueMask: a boolean mask over a slide at a known MPP, asked whether boxes at any MPP hold tissue; and the
+`--tissue` option (auto, all or a mask file), checked here without the imaging libraries detection needs."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from wsiseg.errors import WsisegError
 
 
 @dataclass
@@ -54,3 +58,22 @@ class TissueMask:
         xs = np.minimum(((np.arange(width) + 0.5) * factor).astype(np.intp), self.mask.shape[1] - 1)
         rows_needed, repeats = np.unique(ys, return_counts=True)  # ys never decreases: each mask row once
         return np.repeat(self.mask[rows_needed][:, xs], repeats, axis=0)
+
+
+TISSUE_MODES = ("auto", "all")
+MASK_SUFFIXES = (".png", ".geojson", ".json")
+
+
+def check_tissue_option(tissue: str | Path | None) -> str | Path:
+    """`auto`, `all` or the path of an existing PNG or GeoJSON mask; a WsisegError otherwise (a cheap check
+    made before any slide is read or model loaded)."""
+    if tissue is None or str(tissue) in TISSUE_MODES:
+        return "auto" if tissue is None else str(tissue)
+    path = Path(tissue)
+    if path.suffix.lower() not in MASK_SUFFIXES:
+        raise WsisegError(
+            f"--tissue {tissue}: use auto (detect), all (the whole image) or a .png or .geojson mask file"
+        )
+    if not path.is_file():
+        raise WsisegError(f"no such tissue mask file: {path}; check the --tissue path")
+    return path

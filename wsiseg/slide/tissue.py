@@ -14,7 +14,7 @@ from skimage import color, draw, filters, morphology, segmentation
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import atomic_file
 from wsiseg.polygons import geometry_polygons, load_features
-from wsiseg.slide.mask import TissueMask
+from wsiseg.slide.mask import TissueMask, check_tissue_option
 from wsiseg.slide.reader import Slide, snap
 
 __all__ = [
@@ -208,25 +208,6 @@ def load_mask(path: str | Path, slide: Slide, mask_mpp: float | None = None) -> 
         return _mask_from_png(path, slide)
     except OSError as error:
         raise WsisegError(f"mask {path.name} is not a readable image ({error}); pass a PNG or GeoJSON mask") from None
-
-
-TISSUE_MODES = ("auto", "all")
-MASK_SUFFIXES = (".png", ".geojson", ".json")
-
-
-def check_tissue_option(tissue: str | Path | None) -> str | Path:
-    """`auto`, `all` or the path of an existing PNG or GeoJSON mask; a WsisegError otherwise (a cheap check
-    made before any slide is read or model loaded)."""
-    if tissue is None or str(tissue) in TISSUE_MODES:
-        return "auto" if tissue is None else str(tissue)
-    path = Path(tissue)
-    if path.suffix.lower() not in MASK_SUFFIXES:
-        raise WsisegError(
-            f"--tissue {tissue}: use auto (detect), all (the whole image) or a .png or .geojson mask file"
-        )
-    if not path.is_file():
-        raise WsisegError(f"no such tissue mask file: {path}; check the --tissue path")
-    return path
 
 
 def full_mask(slide: Slide) -> TissueMask:

@@ -233,8 +233,8 @@ def _tile(
             slide.path.name, store.width, store.height, mpp, len(positions), tile, len(missing),
         )
         if not positions:
-            log.warning("%s: no tissue found: the store is empty (check the QC picture, or pass a tissue mask)",
-                        slide.path.name)
+            log.warning("%s: no tissue found: the store is empty (check the QC picture; pass --tissue all or a mask "
+                        "file)", slide.path.name)
         started = time.perf_counter()
         if missing:
             with nullcontext(client) if client is not None else dask_client(scheduler) as active:
