@@ -322,14 +322,16 @@ def test_fseg_slide_closes_the_slides_it_opened(he_png: Path, tmp_path: Path, mo
     import wsiseg
     from wsiseg.slide import Slide
 
-    closed = []
-    original = Slide.close
-    monkeypatch.setattr(Slide, "close", lambda self: (closed.append(self.path), original(self))[-1])
+    opened, closed = [], []
+    original_init, original_close = Slide.__init__, Slide.close
+    monkeypatch.setattr(Slide, "__init__", lambda self, *a, **k: (opened.append(self), original_init(self, *a, **k))[-1])
+    monkeypatch.setattr(Slide, "close", lambda self: (closed.append(self), original_close(self))[-1])
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((300, 300, 3), 255, np.uint8)).save(blank)
     with pytest.raises(WsisegError, match="no tissue"):
         wsiseg.fseg_slide([he_png, blank], tmp_path / "out", k=2, slide_mpp=2.0, mpp=2.0, device="cpu")
-    assert sorted(closed) == sorted([he_png, blank])
+    assert {slide.path for slide in opened} == {he_png, blank}
+    assert all(any(slide is done for done in closed) for slide in opened)  # every slide opened was closed
 
 
 @pytest.mark.timeout(90)  # before the fix, the run hung
