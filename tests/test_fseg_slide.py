@@ -137,3 +137,19 @@ def test_cli_user_errors(halves: dict, tmp_path: Path) -> None:
     result = run_cli("fseg", halves["folder"] / "left.png", "--slide-mpp", HGSC_MPP, "--k", 3,
                      "--bank", data / "fseg_bank_joblib.pkl", "--out", tmp_path / "x", "--device", "cpu")
     assert_user_error(result, "12-long concepts", "320-long features")
+
+
+def test_fseg_slides_skip_a_bad_slide_and_rerun_skips_the_finished(samples: dict[str, Path], tmp_path: Path) -> None:
+    from wsiseg.fseg.slides import fseg_slides
+
+    slides = [samples["cmu_svs"], samples["unreadable_svs"]]
+    options = {"k": 2, "mpp": 4.0, "window": 64, "device": "cpu", "exports": ("tiff",), "show_progress": False}
+    with pytest.raises(WsisegError, match="corrupt"):
+        fseg_slides(slides, tmp_path / "stop", **options)
+    results = fseg_slides(slides, tmp_path / "out", skip_errors=True, **options)
+    assert [r.status for r in results] == ["done", "failed"] and "corrupt" in results[1].message
+    assert load_bank(tmp_path / "out" / "concepts.safetensors").extra["request"]["slides"] == [
+        str(samples["cmu_svs"].resolve())]  # fitted on the slide that opens
+    again = fseg_slides(slides[:1], tmp_path / "out" / "cmu_svs", bank=tmp_path / "out" / "concepts.safetensors",
+                        **options)
+    assert again[0].status == "skipped"

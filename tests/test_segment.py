@@ -102,8 +102,12 @@ def test_cmu_slide_end_to_end(samples: dict[str, Path], checkpoint: Path, tmp_pa
     total_area = sum(written["class_area_mm2"].values())
     assert total_area == pytest.approx(width * height * (2.0 / 1000) ** 2)
     assert not list(out.glob(".*partial"))
-    with pytest.raises(WsisegError, match="--overwrite"):
-        segment_slide(samples["cmu_svs"], checkpoint, out, mpp=2.0, show_progress=False)
+    stamp = (out / "mask.tif").stat().st_mtime_ns
+    again = segment_slide(samples["cmu_svs"], checkpoint, out, mpp=2.0, show_progress=False)  # same settings
+    assert again["reused"] and again["windows_tissue"] == written["windows_tissue"]
+    assert (out / "mask.tif").stat().st_mtime_ns == stamp
+    with pytest.raises(WsisegError, match="already exists.*other settings.*--overwrite"):
+        segment_slide(samples["cmu_svs"], checkpoint, out, mpp=2.0, overlap=0.5, show_progress=False)
 
 
 def test_windowslide_equals_in_memory_gaussian_blend(he_png: Path, predictor: SegmenterPredictor, tmp_path: Path) -> None:
@@ -261,9 +265,9 @@ def test_several_slides_on_a_dask_cluster(he_png: Path, samples: dict[str, Path]
                       dashboard_address=None) as cluster:
         results = segment_slides(slides, checkpoint, tmp_path, skip_errors=True, scheduler=cluster.scheduler_address,
                                  slide_mpp=2.0, mpp=2.0, exports=(), workers=0)
-    assert [r["status"] for r in results] == ["ok", "failed"]
+    assert [r.status for r in results] == ["done", "failed"]
     assert (tmp_path / "he" / "mask.zarr").is_dir() and not (tmp_path / "unopenable_tiff").exists()
-    assert "corrupt" in results[1]["error"]
+    assert "corrupt" in results[1].message
     with pytest.raises(WsisegError):
         segment_slides(slides[::-1], checkpoint, tmp_path / "stop", slide_mpp=2.0, mpp=2.0, exports=(), workers=0)
 
@@ -338,7 +342,7 @@ def test_cluster_without_gpu_resources(he_png: Path, checkpoint: Path, tmp_path:
         # device auto on CPU-only workers: the task needs no GPU resource, so it is scheduled and runs
         results = segment_slides([he_png], checkpoint, tmp_path / "auto", scheduler=cluster.scheduler_address,
                                  slide_mpp=2.0, mpp=2.0, exports=(), workers=0)
-        assert [r["status"] for r in results] == ["ok"]
+        assert [r.status for r in results] == ["done"]
         with pytest.raises(WsisegError, match="no worker .* GPU resource.*--resources GPU=1"):
             segment_slides([he_png], checkpoint, tmp_path / "cuda", scheduler=cluster.scheduler_address,
                            device="cuda", slide_mpp=2.0, mpp=2.0, exports=(), workers=0)

@@ -48,7 +48,7 @@ def test_segment_png_export_and_eval(material: dict[str, Path]) -> None:
     result = run_cli("segment", material["png"], "--slide-mpp", "2", "--checkpoint", material["checkpoint"],
                      "--out", out, "--workers", "0", "--batch-size", "8")
     assert result.returncode == 0, result.stderr
-    assert "ok" in result.stdout and "he.png" in result.stdout
+    assert "done" in result.stdout and "he.png" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["width"], summary["height"]) == (200, 220) and summary["mpp"] == 2.0
     for name in ("mask.zarr", "mask.tif", "mask.ome.tif", "overlay.png", "segment.log"):
@@ -74,8 +74,11 @@ def test_segment_png_export_and_eval(material: dict[str, Path]) -> None:
                               "--level", "99"), "--level 99", "0..")
 
     assert_user_error(run_cli("export", out / "mask.zarr", "--format", "geojson"), "already exists", "--overwrite")
+    same = run_cli("segment", material["png"], "--slide-mpp", "2", "--checkpoint", material["checkpoint"],
+                   "--out", out, "--workers", "0")
+    assert same.returncode == 0 and "skipped" in same.stdout, same.stderr
     assert_user_error(run_cli("segment", material["png"], "--slide-mpp", "2", "--checkpoint", material["checkpoint"],
-                              "--out", out, "--workers", "0"), "already exists", "--overwrite")
+                              "--out", out, "--workers", "0", "--overlap", "0.5"), "already exists", "--overwrite")
 
 
 @pytest.mark.parametrize(

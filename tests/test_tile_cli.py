@@ -23,11 +23,14 @@ def test_tile_command_writes_store_and_summary(samples, tmp_path):
     assert "Traceback" not in result.stderr
     lines = result.stdout.splitlines()
     summary = lines[next(i for i, line in enumerate(lines) if line.startswith("slide ")) :]
-    assert summary[0].split()[:5] == ["slide", "status", "size", "tiles", "seconds"]
+    assert summary[0].split()[:6] == ["slide", "status", "size", "tiles", "tiles/s", "seconds"]
     assert summary[1].split()[:3] == ["cmu_svs.svs", "done", "554x740"]
     store = TileStore.open(tmp_path / "cmu_svs.zarr")
     assert store.is_complete and (store.width, store.height) == (554, 740)
 
+    same = run_cli("tile", samples["cmu_svs"], "--mpp", "2", "--out", tmp_path, "--workers", "0", "--tile", "128")
+    assert same.returncode == 0, same.stderr
+    assert "skipped" in same.stdout and "finished by an earlier run" in same.stderr
     again = run_cli("tile", samples["cmu_svs"], "--mpp", "2", "--out", tmp_path, "--workers", "0")
     assert_user_error(again, "already exists", "--overwrite")
     assert TileStore.open(tmp_path / "cmu_svs.zarr").is_complete

@@ -150,9 +150,12 @@ def test_resume_writes_only_missing_chunks(samples, tmp_path):
 def test_existing_and_mismatched_outputs(samples, tmp_path):
     out = tmp_path / "s.zarr"
     kwargs = {"workers": 0, "progress": False}
-    tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, **kwargs)
-    with pytest.raises(WsisegError, match="--overwrite"):
-        tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, **kwargs)
+    first = tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, **kwargs)
+    stamps = {p: first.chunk_file(*p).stat().st_mtime_ns for p in first.tissue_tiles()}
+    same = tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, **kwargs)  # finished with these settings: kept
+    assert same.is_complete and {p: same.chunk_file(*p).stat().st_mtime_ns for p in stamps} == stamps
+    with pytest.raises(WsisegError, match="already exists and holds other settings.*--overwrite"):
+        tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, tile=256, **kwargs)
     again = tile_slide(samples["cmu_pyramid_tiff"], out, 8.0, overwrite=True, **kwargs)
     assert again.is_complete and again.mpp == 8.0
     # a partial store of another run is not silently mixed in
@@ -214,7 +217,7 @@ def test_several_slides_and_skip_errors(samples, tmp_path):
     assert [r.status for r in results] == ["done", "failed"]
     assert TileStore.open(tmp_path / "b" / "cmu_pyramid.zarr").is_complete
     assert "corrupt" in results[1].message and not (tmp_path / "b" / "unreadable_svs.zarr").exists()
-    with pytest.raises(WsisegError, match="one store"):
+    with pytest.raises(WsisegError, match="names one output"):
         tile_slides(slides, tmp_path / "x.zarr", 4.0, workers=0)
 
 

@@ -132,7 +132,8 @@ def bench(path: Path, workers: int, out: Path, repeats: int) -> dict:
     reading processes alone: the dask nannies and workers, or the plain loop's pool.
     """
     from wsiseg.progress import get_logger
-    from wsiseg.store.tiling import dask_client, tile_slide
+    from wsiseg.driver import dask_client
+    from wsiseg.store.tiling import tile_slide
 
     timer = PhaseTimer()
     get_logger().addHandler(timer)
@@ -143,7 +144,7 @@ def bench(path: Path, workers: int, out: Path, repeats: int) -> dict:
     me = psutil.Process()
     with PeakMemory() as memory:
         started = time.perf_counter()
-        with dask_client(workers) as client:
+        with dask_client(None, local_workers=workers) as client:
             client.run(lambda: __import__("wsiseg.store.tiles"))
             best["startup"] = time.perf_counter() - started
             dask_processes = me.children(recursive=True)

@@ -23,6 +23,8 @@ _API: dict[str, str] = {
     "load_config": "wsiseg.config:load_config",
     "prepare_demo_dataset": "wsiseg.train.demo_data:prepare_demo_dataset",
     "fseg_slide": "wsiseg.fseg.api:fseg_slide",
+    "fseg_slides": "wsiseg.fseg.slides:fseg_slides",
+    "SlideResult": "wsiseg.driver:SlideResult",
     "fit_concepts": "wsiseg.fseg.api:fit_concepts",
     "load_segmenter": "wsiseg.models.checkpoint:load_segmenter",
     "build_segmenter": "wsiseg.models.segmenter:build_segmenter",

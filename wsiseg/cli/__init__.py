@@ -6,6 +6,7 @@ Each command lives in a module of this package and is imported only when it runs
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -57,15 +58,59 @@ def cli() -> None:
     """Segment whole-slide pathology images with pathology foundation models."""
 
 
+# errno -> what to say; every other OSError is a bug and keeps its traceback
+OS_ERRORS: dict[int, str] = {
+    errno.ENOSPC: "no space left on the device{where}: free some space or choose another --out",
+    errno.EDQUOT: "disk quota exceeded{where}: free some space or choose another --out",
+    errno.EACCES: "permission denied{where}: choose a folder you can write to (--out), or fix its permissions",
+    errno.EPERM: "operation not permitted{where}: choose a folder you can write to (--out), or fix its permissions",
+    errno.EROFS: "read-only file system{where}: choose a writable --out",
+    errno.EIO: "input/output error{where}: check the disk or network share, then rerun",
+}
+RESUMES = "rerun the same command to resume where it stopped"
+TRAIN_RESUMES = ("continue the run with --resume <output_dir>/checkpoints/last.pth (or restart it with "
+                 "--overwrite if no checkpoint was saved yet)")
+
+
+def resume_advice(argv: list[str] | None) -> str:
+    """How to pick up after an interruption: most commands resume by themselves, train needs --resume."""
+    args = sys.argv[1:] if argv is None else argv
+    return TRAIN_RESUMES if "train" in args[:1] else RESUMES
+
+
+def one_line(error: BaseException) -> str:
+    """The user-facing line of an error; a reader process's error wrapped by torch keeps only its own message."""
+    message = str(error)
+    if "Original Traceback" in message:
+        message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
+def os_error_line(error: OSError, advice: str = RESUMES) -> str | None:
+    """One line for an OS-level failure (disk full, permission denied, read-only), or None for others."""
+    template = OS_ERRORS.get(error.errno or -1)
+    if template is None:
+        return None
+    where = f" ({error.filename})" if error.filename else ""
+    line = template.format(where=where)
+    return f"{line}; then {advice}" if error.errno in (errno.ENOSPC, errno.EDQUOT) else line
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning user errors into one line and exit status 2."""
+    """Entry point: run the CLI, turning user errors, OS-level failures and Ctrl-C into one line."""
     try:
         cli.main(args=argv, prog_name="wsiseg", standalone_mode=False)
     except WsisegError as error:
-        click.echo(f"Error: {error}", err=True)
+        click.echo(f"Error: {one_line(error)}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
+    except OSError as error:
+        line = os_error_line(error, resume_advice(argv))
+        if line is None:
+            raise
+        click.echo(f"Error: {line}", err=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo(f"Interrupted: {resume_advice(argv)}.", err=True)
         sys.exit(130)
     except click.ClickException as error:
         error.show()

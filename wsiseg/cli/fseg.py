@@ -50,22 +50,29 @@ def split_k_values(slides: tuple[Path, ...], ks: tuple[str, ...]) -> tuple[list[
 @click.option("--tissue", default="auto", show_default=True,
               help="auto (detect), all (the whole image), or a PNG/GeoJSON tissue mask of the slide.")
 @click.option("--random-weights", is_flag=True, help="Run a registry PFM without --weights, untrained (tests, benchmarks).")
+@click.option("--workers", default="auto", show_default=True,
+              help="Reader threads (auto: all cores but one on CUDA, 1 on CPU; 0: read in the main thread).")
+@click.option("--scheduler", default=None, help="dask.distributed scheduler address: one task per slide.")
+@click.option("--skip-errors", is_flag=True, help="Go on past slides that fail, and list them at the end.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def fseg_command(slides: tuple[Path, ...], out: Path, k: int, model: str | None, weights: Path | None,
                  bank: Path | None, mode: str, scale_before_argmax: bool, layer: int | None, mpp: float | None,
                  slide_mpp: float | None, window: int | None, overlap: float, batch_size: int, device: str,
-                 clip_to_tissue: bool, tissue: str, random_weights: bool, overwrite: bool) -> None:
+                 clip_to_tissue: bool, tissue: str, random_weights: bool, workers: str, scheduler: str | None,
+                 skip_errors: bool, overwrite: bool) -> None:
     """Segment slides into k concepts by projecting token features onto a concept bank."""
-    from wsiseg.fseg.api import fseg_slide
+    from wsiseg.driver import check_results, summary_table
+    from wsiseg.fseg.slides import fseg_slides
     from wsiseg.progress import setup_console_logging
 
     setup_console_logging()
-    summaries = fseg_slide(list(slides), out, k=k, model=model, weights=weights, bank=bank, mode=mode,
-                           scale_before_argmax=scale_before_argmax, layer=layer, mpp=mpp, slide_mpp=slide_mpp,
-                           window=window, overlap=overlap, batch_size=batch_size, device=device, overwrite=overwrite,
-                           clip_to_tissue=clip_to_tissue, tissue=tissue, random_weights=random_weights)
-    for slide, summary in zip(slides, summaries):
-        click.echo(f"{slide}: {summary.get('output', out)}")
+    results = fseg_slides(list(slides), out, k=k, model=model, weights=weights, bank=bank, mode=mode,
+                          scale_before_argmax=scale_before_argmax, layer=layer, mpp=mpp, slide_mpp=slide_mpp,
+                          window=window, overlap=overlap, batch_size=batch_size, device=device, overwrite=overwrite,
+                          clip_to_tissue=clip_to_tissue, tissue=tissue, random_weights=random_weights,
+                          workers=workers, scheduler=scheduler, skip_errors=skip_errors)
+    click.echo(summary_table(results, "windows"))
+    check_results(results)
 
 
 @click.command("fseg-fit")

@@ -25,7 +25,8 @@ EXPORT_FORMATS = ("tiff", "palette-tiff", "ome-tiff", "geojson", "png")
 @click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--workers", type=int, default=2, show_default=True, help="Reader processes (0: read in the main process).")
+@click.option("--workers", default="auto", show_default=True,
+              help="Reader threads (auto: all cores but one on CUDA, 1 on CPU; 0: read in the main thread).")
 @click.option("--scheduler", default=None, help="dask.distributed scheduler address: one task per slide on GPU workers.")
 @click.option("--save-probabilities", is_flag=True, help="Also store the blended class probabilities (float16) in mask.zarr.")
 @click.option("--background", default=None, help="Background class name [default: a class named background, else 0].")
@@ -43,10 +44,11 @@ EXPORT_FORMATS = ("tiff", "palette-tiff", "ome-tiff", "geojson", "png")
 def segment_command(
     slides: tuple[Path, ...], checkpoint: Path, config: Path | None, out: Path, mode: str, mpp: float | None,
     slide_mpp: float | None, window: int | None, overlap: float, blend: str, batch_size: int, device: str,
-    workers: int, scheduler: str | None, save_probabilities: bool, background: str | None, exports: str,
+    workers: str, scheduler: str | None, save_probabilities: bool, background: str | None, exports: str,
     clip_to_tissue: bool, tissue: str, weights: Path | None, random_weights: bool, skip_errors: bool, overwrite: bool,
 ) -> None:
     """Segment SLIDES (slide files, images with --slide-mpp, or `wsiseg tile` stores) into label masks."""
+    from wsiseg.driver import check_results, summary_table
     from wsiseg.engine.segment import segment_slides
     from wsiseg.progress import setup_console_logging
 
@@ -58,22 +60,8 @@ def segment_command(
         background=background, exports=tuple(e.strip() for e in exports.split(",") if e.strip()),
         clip_to_tissue=clip_to_tissue, tissue=tissue, weights=weights, random_weights=random_weights,
     )
-    rows = [("slide", "status", "size", "windows", "tiles/s", "output / error")]
-    for result in results:
-        if result["status"] == "ok":
-            summary = result["summary"]
-            rate = summary["tiles_per_s"]
-            rows.append((
-                Path(result["slide"]).name, "ok", f"{summary['width']}x{summary['height']}",
-                str(summary["windows_tissue"]), f"{rate:.1f}" if rate else "-", result["out"],
-            ))
-        else:
-            rows.append((Path(result["slide"]).name, "FAILED", "-", "-", "-", result["error"]))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    if any(result["status"] != "ok" for result in results):
-        raise SystemExit(1)
+    click.echo(summary_table(results, "windows"))
+    check_results(results)
 
 
 @click.command("export")

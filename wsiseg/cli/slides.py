@@ -49,7 +49,8 @@ def info_command(slide: Path, slide_mpp: float | None, as_json: bool) -> None:
 )
 @click.option("--slide-mpp", type=float, default=None, help="The slides' own MPP, where their metadata lacks it.")
 @click.option("--tile", type=int, default=512, show_default=True, help="Tile (and chunk) size in pixels.")
-@click.option("--workers", type=int, default=None, help="Local dask worker processes [default: min(4, CPUs)]; 0 = no dask.")
+@click.option("--workers", default="auto", show_default=True,
+              help="Writer threads without --scheduler (auto: min(4, CPUs); 0: in the main thread).")
 @click.option("--scheduler", default=None, help="Address of an existing dask.distributed scheduler to use instead.")
 @click.option("--tissue", default="auto", show_default=True,
               help="auto (detect), all (the whole image), or a mask: PNG over the slide or GeoJSON polygons in level-0 pixels.")
@@ -67,7 +68,7 @@ def tile_command(
     out: Path,
     slide_mpp: float | None,
     tile: int,
-    workers: int | None,
+    workers: str,
     scheduler: str | None,
     tissue: str,
     tissue_mask: Path | None,
@@ -81,7 +82,8 @@ def tile_command(
     from wsiseg.slide.mask import check_tissue_option
 
     check_tissue_option(tissue_mask or tissue)  # before dask and the imaging libraries load
-    from wsiseg.store.tiling import summary_rows, tile_slides
+    from wsiseg.driver import check_results, summary_table
+    from wsiseg.store.tiling import tile_slides
 
     setup_console_logging()
     results = tile_slides(
@@ -89,11 +91,5 @@ def tile_command(
         overwrite=overwrite, skip_errors=skip_errors, tissue=tissue, tissue_mask_path=tissue_mask,
         tissue_options={"threshold": tissue_threshold, "min_area_um2": min_tissue_area},
     )
-    header = ("slide", "status", "size", "tiles", "seconds", "store / error")
-    rows = [header, *summary_rows(results)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
-    failed = sum(r.status == "failed" for r in results)
-    if failed:
-        raise WsisegError(f"{failed} of {len(results)} slides failed (see the table above); fix them and rerun")
+    click.echo(summary_table(results, "tiles"))
+    check_results(results)

@@ -1,22 +1,31 @@
-"""The window loader: reader processes fill batches of windows, pinned for the GPU, prefetched ahead.
+"""The window loader: reader threads fill batches of windows, pinned for the GPU, prefetched ahead.
 
 Windows are read from anything with `read(x, y, width, height, mpp) -> (h, w, 3) uint8` (a
 Slide, or a tile store seen as one). Batches are a fixed partition of the window list, so a
-resumed run sees exactly the batches of the first run. Each reader process reopens the source
-(slides pickle by path), so no file handle is shared across processes.
+resumed run sees exactly the batches of the first run.
+
+Readers are threads, not processes: OpenSlide, tifffile and zarr decode with the GIL released,
+so threads read as fast as processes (tools/infra_readers.py measures both), and threads run
+where processes cannot start: inside a `dask worker` (a daemonic process), a thread, or any
+CLI. Each reader thread reads through its own copy of the source (slides and stores pickle by
+path), so no file handle is shared between threads. An error a reader meets (a WsisegError,
+an OSError) reaches the caller as it was raised, with its one-line message.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from wsiseg.errors import WsisegError
-
 PREFETCH_BATCHES = 4  # batches each reader prepares ahead
+MAX_AUTO_READERS = 8
 
 
 def partition(count: int, batch_size: int) -> list[list[int]]:
@@ -24,48 +33,67 @@ def partition(count: int, batch_size: int) -> list[list[int]]:
     return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
 
 
-class WindowDataset:
-    """Windows of one source at one MPP, as uint8 (h, w, 3) tensors (a read's WsisegError is returned, not raised).
-
-    Torch re-raises an error of a reader process with its whole traceback in the message; returned,
-    the WsisegError reaches the main process as it was and is raised there with its one-line message.
-    """
-
-    def __init__(self, source: Any, positions: Sequence[tuple[int, int]], window: int, mpp: float) -> None:
-        self.source = source
-        self.positions = list(positions)
-        self.window = window
-        self.mpp = mpp
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, index: int) -> Any:
-        import torch
-
-        x, y = self.positions[index]
-        try:
-            pixels = self.source.read(x, y, self.window, self.window, self.mpp)
-        except WsisegError as error:
-            return error
-        return torch.from_numpy(np.require(pixels, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]))
+def auto_readers(device: Any, cores: int | None = None) -> int:
+    """Reader threads for `--workers auto`: on CUDA all cores but one (at most 8) feed the device;
+    on CPU the model needs the cores, so one reader overlaps reading with compute."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if str(device).startswith("cuda"):
+        return max(1, min(MAX_AUTO_READERS, cores - 1))
+    return 1
 
 
-def _reopen_source(worker_id: int) -> None:
-    """In a reader process: replace the inherited source by a fresh copy with its own file handle."""
+def parse_workers(value: int | str | None, device: Any) -> int:
+    """A reader count from an int, a digit string, or "auto"/None (see `auto_readers`)."""
+    from wsiseg.errors import WsisegError
+
+    if value is None or value == "auto":
+        return auto_readers(device)
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise WsisegError(f"--workers must be a number or auto, got {value!r}") from None
+    if count < 0:
+        raise WsisegError(f"--workers must be 0 or more (0 = read in the main thread), got {count}")
+    return count
+
+
+class _Readers:
+    """Per-thread copies of a source: the first read of each thread opens its own handle."""
+
+    def __init__(self, source: Any) -> None:
+        self.blueprint = pickle.dumps(source)
+        self.local = threading.local()
+        self.opened: list[Any] = []
+        self.lock = threading.Lock()
+
+    def get(self) -> Any:
+        source = getattr(self.local, "source", None)
+        if source is None:
+            source = self.local.source = pickle.loads(self.blueprint)
+            with self.lock:
+                self.opened.append(source)
+        return source
+
+    def close(self) -> None:
+        for source in self.opened:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+
+def _read_batch(
+    source: Any, positions: Sequence[tuple[int, int]], indices: list[int], window: int, mpp: float, pin: bool
+) -> Any:
+    """The (B, h, w, 3) uint8 tensor of a batch of windows (pinned when `pin`)."""
     import torch
 
-    info = torch.utils.data.get_worker_info()
-    dataset = info.dataset
-    dataset.source = pickle.loads(pickle.dumps(dataset.source))
-
-
-def _stack(items: list[Any]) -> Any:
-    """The batch tensor, or the first WsisegError one of its windows met."""
-    import torch
-
-    errors = [item for item in items if isinstance(item, WsisegError)]
-    return errors[0] if errors else torch.stack(items)
+    batch = torch.empty((len(indices), window, window, 3), dtype=torch.uint8, pin_memory=pin)
+    target = batch.numpy()
+    for row, index in enumerate(indices):
+        x, y = positions[index]
+        target[row] = source.read(x, y, window, window, mpp)
+    return batch
 
 
 def iterate_batches(
@@ -80,29 +108,45 @@ def iterate_batches(
 ) -> Iterator[tuple[list[int], Any]]:
     """Yield (window indices, (B, 3, h, w) float [0, 1] tensor on `device`) from batch `first_batch` on.
 
-    Reading happens in `workers` processes (none: in this one), batches land in pinned memory
-    when the device is CUDA and are copied without blocking; the uint8 -> float conversion
-    happens on the device.
+    Reading happens in `workers` threads (none: in the calling thread), each keeping up to
+    PREFETCH_BATCHES batches ahead; batches land in pinned memory when the device is CUDA and
+    are copied without blocking; the uint8 -> float conversion happens on the device.
     """
     import torch
 
     device = torch.device(device)
+    pin = device.type == "cuda"
     batches = partition(len(positions), batch_size)[first_batch:]
     if not batches:
         return
-    dataset = WindowDataset(source, positions, window, mpp)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=_stack,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
-        worker_init_fn=_reopen_source if workers > 0 else None,
-        persistent_workers=False,
-    )
-    for indices, pixels in zip(batches, loader):
-        if isinstance(pixels, WsisegError):
-            raise pixels
-        batch = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        yield indices, batch
+
+    def to_device(pixels: Any) -> Any:
+        return pixels.to(device, non_blocking=pin).permute(0, 3, 1, 2).float().div_(255.0)
+
+    if workers == 0:
+        for indices in batches:
+            yield indices, to_device(_read_batch(source, positions, indices, window, mpp, pin))
+        return
+    readers = _Readers(source)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsiseg-reader")
+    pending: deque[tuple[list[int], Future]] = deque()
+    upcoming = iter(batches)
+    try:
+        for indices in upcoming:
+            pending.append((indices, pool.submit(
+                lambda i=indices: _read_batch(readers.get(), positions, i, window, mpp, pin))))
+            if len(pending) >= workers * PREFETCH_BATCHES:
+                break
+        while pending:
+            indices, future = pending.popleft()
+            pixels = future.result()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, pool.submit(
+                    lambda i=following: _read_batch(readers.get(), positions, i, window, mpp, pin))))
+            yield indices, to_device(pixels)
+    finally:
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+        readers.close()

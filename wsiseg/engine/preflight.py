@@ -49,7 +49,7 @@ def check_run_options(
     blend: str = "gaussian",
     overlap: float = 0.25,
     batch_size: int = 1,
-    workers: int = 0,
+    workers: int | str = 0,
     mpp: float | None = None,
     slide_mpp: float | None = None,
     window: int | None = None,
@@ -57,6 +57,7 @@ def check_run_options(
 ) -> None:
     """The engine options of `run_slide`, checked without opening anything."""
     from wsiseg.engine.blend import BLEND_MODES
+    from wsiseg.engine.loader import parse_workers
     from wsiseg.engine.run import MODES
     from wsiseg.slide.mask import check_tissue_option
 
@@ -66,8 +67,9 @@ def check_run_options(
         raise WsisegError(f"unknown blend {blend!r}: use {' or '.join(BLEND_MODES)}")
     if not 0 <= overlap < 1:
         raise WsisegError(f"--overlap must be a fraction of the window in [0, 1), got {overlap}")
-    if batch_size < 1 or workers < 0:
-        raise WsisegError("--batch-size must be at least 1 and --workers at least 0")
+    if batch_size < 1:
+        raise WsisegError(f"--batch-size must be at least 1, got {batch_size}")
+    parse_workers(workers, "cpu")
     check_positive("--mpp", mpp)
     check_positive("--slide-mpp", slide_mpp)
     if window is not None and window < 1:
@@ -76,13 +78,17 @@ def check_run_options(
 
 
 def check_outputs(folders: Sequence[Path], exports: Sequence[str], overwrite: bool) -> None:
-    """Every output of every slide's folder can be written (and exists only with `overwrite`)."""
-    from wsiseg.engine.run import output_paths
+    """Every slide's folder can be written and the exports are known formats.
+
+    Outputs already there are judged by the run (`finished_run`): a finished run with the same
+    settings is skipped, one with other settings refused without `overwrite`.
+    """
+    from wsiseg.engine.run import SUMMARY_NAME, output_paths
     from wsiseg.outputs import check_writable
 
     for folder in folders:
-        for path in output_paths(Path(folder), exports).values():
-            check_writable(path, overwrite)
+        output_paths(Path(folder), exports)
+        check_writable(Path(folder) / SUMMARY_NAME, overwrite=True)
 
 
 def needs_weights(model: str) -> bool:

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from wsiseg.engine.blend import BLEND_MODES, StripeBlender, StripeSink, window_weights
+from wsiseg.engine.loader import parse_workers
 from wsiseg.engine.predictors import BatchRunner, Predictor
 from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
-from wsiseg.outputs import check_writable, partial_path, publish, remove
+from wsiseg.outputs import check_writable, finish_publish, partial_path, publish_together, remove
 from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.store.masks import MaskStore
 
@@ -233,6 +234,30 @@ def _fingerprint(view: SourceView, settings: dict[str, Any], predictor: Predicto
     }
 
 
+def finished_run(out_dir: Path, fingerprint: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The summary of a finished run in `out_dir` with these settings (then nothing is left to do), else None.
+
+    A publish an interrupted run left half done is completed first. A finished run with other
+    settings is refused without `overwrite`; outputs without a summary (the completion marker)
+    are leftovers of an interrupted run, replaced by this one.
+    """
+    if finish_publish(out_dir):
+        log.info("completed the outputs an interrupted run left in %s", out_dir)
+    marker = out_dir / SUMMARY_NAME
+    if overwrite or not marker.is_file():
+        return None
+    try:
+        summary = json.loads(marker.read_text())
+    except ValueError:
+        summary = {}
+    if summary.get("fingerprint") == fingerprint:
+        return summary
+    raise WsisegError(
+        f"{out_dir} already exists and holds a finished run with other settings: pass --overwrite to replace it, "
+        "or choose another --out"
+    )
+
+
 def _predict_windows(
     view: SourceView,
     positions: list[tuple[int, int]],
@@ -341,7 +366,7 @@ def run_slide(
     blend: str = "gaussian",
     batch_size: int = 16,
     device: str | None = "auto",
-    workers: int = 2,
+    workers: int | str = "auto",
     mode: str = "windowslide",
     background: int = 0,
     slide_mpp: float | None = None,
@@ -373,8 +398,8 @@ def run_slide(
         raise WsisegError(f"unknown blend {blend!r}: use gaussian or constant")
     if not 0 <= overlap < 1:
         raise WsisegError(f"--overlap must be a fraction of the window in [0, 1), got {overlap}")
-    if batch_size < 1 or workers < 0:
-        raise WsisegError("--batch-size must be at least 1 and --workers at least 0")
+    if batch_size < 1:
+        raise WsisegError(f"--batch-size must be at least 1, got {batch_size}")
     multiple = int(getattr(predictor, "input_multiple", 1) or 1)
     if window % multiple:
         lower = max(multiple, window // multiple * multiple)
@@ -385,10 +410,21 @@ def run_slide(
         raise WsisegError(f"background label {background} is not one of the {predictor.num_outputs} classes")
     paths = output_paths(out_dir, exports)
     torch_device = resolve_device(device)
+    workers = parse_workers(workers, torch_device)
     view = open_source(source, mpp, slide_mpp, tissue)
     try:
-        for path in paths.values():
-            check_writable(path, overwrite)
+        check_writable(paths["summary"], overwrite=True)  # the folder: existing outputs are judged below
+        stride = max(1, window - round(overlap * window))
+        settings = {
+            "mode": mode, "mpp": float(mpp), "window": int(window), "stride": stride, "blend": blend,
+            "background": int(background), "probabilities": bool(save_probabilities), "model": model_info or {},
+            "clip_to_tissue": bool(clip_to_tissue), "tissue": str(tissue),
+        }
+        fingerprint = json.loads(json.dumps({**_fingerprint(view, settings, predictor), "exports": list(exports)}))
+        finished = finished_run(out_dir, fingerprint, overwrite)
+        if finished is not None:
+            log.info("%s: finished by an earlier run with the same settings (%s): skipped", view.path.name, out_dir)
+            return {**finished, "reused": True}
 
         with log_to_file(out_dir / LOG_NAME):
             log.info("segmenting %s (%s) at %g MPP: %dx%d px, %s mode", view.path, view.kind, mpp, view.width,
@@ -398,15 +434,9 @@ def run_slide(
             mask = view.tissue()
             check_tissue(view, mask, mpp)
             timings["tissue_s"] = time.perf_counter() - tick
-            # read before the loop, while no reader process or stripe buffer is alive, so the read's
+            # read before the loop, while no reader thread or stripe buffer is alive, so the read's
             # transient buffers (a few hundred MB on large slides) never stack on the loop's memory
             thumbnail = view.thumbnail() if "png" in exports else None
-            stride = max(1, window - round(overlap * window))
-            settings = {
-                "mode": mode, "mpp": float(mpp), "window": int(window), "stride": stride, "blend": blend,
-                "background": int(background), "probabilities": bool(save_probabilities), "model": model_info or {},
-                "clip_to_tissue": bool(clip_to_tissue), "tissue": str(tissue),
-            }
             store = MaskStore.resume_or_create(
                 partial_path(paths["mask"]),
                 _fingerprint(view, settings, predictor),
@@ -467,13 +497,10 @@ def run_slide(
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 "class_area_mm2": store.class_areas_mm2(),
                 "outputs": {name: str(path) for name, path in paths.items()},
+                "fingerprint": fingerprint,
             }
-            for partial, final in written:
-                publish(partial, final)
-            publish(store.path, paths["mask"])
-            summary_partial = partial_path(paths["summary"])
-            summary_partial.write_text(json.dumps(summary, indent=2))
-            publish(summary_partial, paths["summary"])
+            moves = [*written, (store.path, paths["mask"])]
+            publish_together(out_dir, moves, paths["summary"], json.dumps(summary, indent=2))
             rate = summary["tiles_per_s"]
             log.info("done in %.1f s (%s windows/s); outputs in %s", timings["total_s"],
                      f"{rate:.1f}" if rate is not None else "-", out_dir)

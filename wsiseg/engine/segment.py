@@ -8,13 +8,17 @@ cluster (`scheduler`), each slide into its own folder.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from wsiseg.devices import resolve_device
+from wsiseg.driver import SlideResult, dask_client, require_gpu_workers, run_slides, slide_outputs
 from wsiseg.engine.run import DEFAULT_EXPORTS, run_slide
 from wsiseg.errors import WsisegError
+from wsiseg.locks import output_lock
 from wsiseg.progress import get_logger
 
 log = get_logger("segment")
@@ -123,7 +127,7 @@ def segment_slide(
     blend: str = "gaussian",
     batch_size: int = 16,
     device: str = "auto",
-    workers: int = 2,
+    workers: int | str = "auto",
     overwrite: bool = False,
     save_probabilities: bool = False,
     background: int | str | None = None,
@@ -208,26 +212,34 @@ def preflight(
 _RUN_OPTIONS = ("mode", "blend", "overlap", "batch_size", "workers", "mpp", "slide_mpp", "window", "tissue")
 
 
-def slide_folders(slides: Sequence[str | Path], out: str | Path) -> list[Path]:
-    """Output folder of each slide: `out` itself for one slide, `out/<name>` for several."""
-    out = Path(out)
-    if len(slides) == 1:
-        return [out]
-    folders, seen = [], set()
-    for slide in slides:
-        stem = Path(slide).name.split(".")[0] or "slide"
-        name, n = stem, 1
-        while name in seen:
-            n += 1
-            name = f"{stem}_{n}"
-        seen.add(name)
-        folders.append(out / name)
-    return folders
+_PREDICTOR: dict[str, Any] = {}  # the last predictor loaded in this process (a dask worker keeps its model)
 
 
-def _segment_task(slide: str, out: str, options: dict[str, Any]) -> dict[str, Any]:
-    """One slide as a dask task (the model is loaded on the worker)."""
-    return segment_slide(slide, out=out, **options)
+def cached_predictor(
+    checkpoint: str | Path, config: Any, device: Any, precision: str | None, weights: str | Path | None = None,
+    random_weights: bool = False,
+) -> Any:
+    """`load_predictor`, reusing the model this process loaded last when the same one is asked for again."""
+    checkpoint = Path(checkpoint)
+    stamp = checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None  # missing: load_predictor says so
+    key = json.dumps([str(checkpoint.resolve()), stamp, config, str(device), precision, weights, random_weights],
+                     default=str)
+    if key not in _PREDICTOR:
+        _PREDICTOR.clear()
+        _PREDICTOR[key] = load_predictor(checkpoint, config, device, precision, weights, random_weights)[0]
+    return _PREDICTOR[key]
+
+
+def _segment_one(slide: Path, out: Path, checkpoint: str, options: dict[str, Any]) -> SlideResult:
+    """One slide, here or as a dask task (the model is loaded once per process)."""
+    device = resolve_device(options.get("device", "auto"))
+    predictor = cached_predictor(checkpoint, options.get("config"), device, options.get("precision"),
+                                 options.get("weights"), options.get("random_weights", False))
+    summary = segment_slide(slide, checkpoint, out, predictor=predictor, **options)
+    return SlideResult(
+        Path(slide), Path(out), "skipped" if summary.get("reused") else "done", (summary["width"], summary["height"]),
+        summary["windows_tissue"], summary.get("tiles_per_s"), summary=summary,
+    )
 
 
 def segment_slides(
@@ -237,78 +249,37 @@ def segment_slides(
     skip_errors: bool = False,
     scheduler: str | None = None,
     **options: Any,
-) -> list[dict[str, Any]]:
-    """Segment several slides; one result per slide: {"slide", "status": ok|failed, "summary" | "error"}.
+) -> list[SlideResult]:
+    """Segment several slides, each into its folder (`slide_outputs`); one SlideResult per slide.
 
-    Without `skip_errors` the first user error stops the run. With `scheduler` (a
+    Slides finished by an earlier run with the same settings are skipped, interrupted ones
+    resume. Without `skip_errors` the first user error stops the run. With `scheduler` (a
     dask.distributed address) each slide is one task, asking for one `GPU` resource when the
-    device is explicitly `cuda*`.
+    device is explicitly `cuda*`. The output folder is locked for the run.
     """
     if not slides:
         raise WsisegError("no slides given: pass one or more slide files or tile stores")
-    folders = slide_folders(slides, out)
+    paths = [Path(s) for s in slides]
+    outputs = slide_outputs(paths, out)
     if scheduler:  # paths are the workers' to open: only the options are checked here
         from wsiseg.engine.preflight import check_run_options
 
         check_run_options(**{key: options[key] for key in _RUN_OPTIONS if options.get(key) is not None})
-        return _segment_distributed(slides, folders, checkpoint, scheduler, skip_errors, options)
-    failed = preflight(slides, checkpoint, folders, skip_errors, **options)
-    results: list[dict[str, Any]] = []
-    predictor = None
-    for slide, folder in zip(slides, folders):
-        if str(slide) in failed:
-            log.error("%s: %s (skipped)", slide, failed[str(slide)])
-            results.append({"slide": str(slide), "status": "failed", "out": str(folder), "error": failed[str(slide)]})
-            continue
-        try:
-            if predictor is None:
-                device = resolve_device(options.get("device", "auto"))
-                predictor, _ = load_predictor(checkpoint, options.get("config"), device, options.get("precision"),
-                                              options.get("weights"), options.get("random_weights", False))
-            summary = segment_slide(slide, checkpoint, folder, predictor=predictor, **options)
-            results.append({"slide": str(slide), "status": "ok", "out": str(folder), "summary": summary})
-        except WsisegError as error:
-            if not skip_errors or predictor is None:
-                raise
-            log.error("%s: %s (skipped)", slide, error)
-            results.append({"slide": str(slide), "status": "failed", "out": str(folder), "error": str(error)})
-    return results
-
-
-def _segment_distributed(
-    slides: Sequence[str | Path], folders: list[Path], checkpoint: str | Path, scheduler: str, skip_errors: bool,
-    options: dict[str, Any],
-) -> list[dict[str, Any]]:
-    from distributed import Client
-
-    try:
-        client = Client(scheduler, timeout="20s")
-    except (OSError, TimeoutError) as error:
-        raise WsisegError(f"cannot reach the dask scheduler at {scheduler} ({error}): start one or drop --scheduler") from None
+        failed: dict[str, str] = {}
+    else:
+        failed = preflight(paths, checkpoint, outputs, skip_errors, **options)
     on_gpu = str(options.get("device") or "auto").startswith("cuda")
-    task_options = {**options, "checkpoint": str(checkpoint), "show_progress": False}
-    results = []
-    with client:
-        cluster = client.scheduler_info().get("workers", {}).values()
-        if on_gpu and not any(worker.get("resources", {}).get("GPU", 0) >= 1 for worker in cluster):
-            raise WsisegError(
-                f"no worker of the dask cluster at {scheduler} has a GPU resource: start the workers with "
-                "`--resources GPU=1`, or use --device auto or cpu"
-            )
-        futures = [
-            client.submit(
-                _segment_task, str(slide), str(folder), task_options,
-                resources={"GPU": 1} if on_gpu else None, pure=False, key=f"segment-{folder.name}-{i}",
-            )
-            for i, (slide, folder) in enumerate(zip(slides, folders))
-        ]
-        for slide, folder, future in zip(slides, folders, futures):
-            try:
-                summary = future.result()
-                results.append({"slide": str(slide), "status": "ok", "out": str(folder), "summary": summary})
-            except WsisegError as error:
-                if not skip_errors:
-                    raise
-                log.error("%s: %s (skipped)", slide, error)
-                results.append({"slide": str(slide), "status": "failed", "out": str(folder), "error": str(error)})
-    return results
+    options = {**options, "show_progress": options.get("show_progress", True) and not scheduler}
+    task = partial(_segment_one, checkpoint=str(checkpoint), options=options)
+    ready = [(path, output) for path, output in zip(paths, outputs) if str(path) not in failed]
+    with output_lock(out, "segment"), dask_client(scheduler if ready else None) as client:
+        if client is not None and on_gpu:
+            require_gpu_workers(client, scheduler)
+        done = run_slides([p for p, _ in ready], [o for _, o in ready], task, skip_errors=skip_errors, client=client,
+                          resources={"GPU": 1} if on_gpu else None)
+    results = dict(zip([p for p, _ in ready], done))
+    for path, output in zip(paths, outputs):
+        if str(path) in failed:
+            log.error("%s: %s (skipped)", path.name, failed[str(path)])
+            results[path] = SlideResult(path, output, "failed", message=failed[str(path)])
+    return [results[path] for path in paths]

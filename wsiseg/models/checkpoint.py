@@ -11,6 +11,7 @@ What is stored of the backbone depends on how it was trained:
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from wsiseg.errors import WsisegError
 from wsiseg.models.finetune import adapter_state, is_peft, load_adapter_state, merge
 from wsiseg.models.registry import entry
 from wsiseg.models.segmenter import Segmenter, build_segmenter, model_config
-from wsiseg.outputs import atomic_file, check_writable
+from wsiseg.outputs import atomic_file, check_writable, remove_dead_temporaries
 from wsiseg.progress import get_logger
 
 log = get_logger("models.checkpoint")
@@ -62,8 +63,12 @@ def save_checkpoint(path: str | Path, model: Segmenter, config: dict[str, Any], 
         "decoder": {k: v.detach().cpu() for k, v in model.decoder.state_dict().items()},
         "extra": extra,
     }
-    with atomic_file(path) as partial:
-        torch.save(payload, partial)
+    for stale in remove_dead_temporaries(path):
+        log.info("removed %s, left by a killed save", stale.name)
+    with atomic_file(path) as partial, open(partial, "wb") as handle:
+        torch.save(payload, handle)  # through a Python file: a full disk is an OSError, not torch's RuntimeError
+        handle.flush()
+        os.fsync(handle.fileno())
     return path
 
 

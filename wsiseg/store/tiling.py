@@ -1,19 +1,19 @@
-"""Tiling slides into tile stores with dask workers: tissue tiles read at the target MPP, one chunk each."""
+"""Tiling slides into tile stores, in threads or on dask workers: tissue tiles read at the target MPP, one chunk each."""
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-
+from wsiseg.driver import SlideResult, dask_client, run_slides, slide_outputs
 from wsiseg.errors import WsisegError
+from wsiseg.locks import output_lock
 from wsiseg.outputs import check_writable, partial_path, publish, remove
 from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.slide.grid import Grid
@@ -30,58 +30,18 @@ QC_SIDE = 1024
 RESUME_KEYS = ("source", "mpp", "slide_mpp", "width", "height", "tile", "origin")
 
 
-@dataclass
-class TileResult:
-    """What happened to one slide of a tiling run."""
-
-    slide: Path
-    store: Path | None
-    status: str  # "done", "empty" (no tissue) or "failed"
-    tiles: int = 0
-    seconds: float = 0.0
-    message: str = ""
-    size: tuple[int, int] = (0, 0)
-
-
 # --- executors --------------------------------------------------------------------------------
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-@contextmanager
-def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
-    """A dask.distributed client: of an existing cluster at `scheduler`, or of a local process cluster.
-
-    `workers=0` runs in this process without dask (yields None).
-    """
-    if scheduler is None and workers == 0:
-        yield None
-        return
-    import dask
-    from distributed import Client, LocalCluster
-
-    if scheduler is not None:
-        try:
-            client = Client(scheduler, timeout="10s")
-        except (OSError, TimeoutError) as error:
-            raise WsisegError(
-                f"cannot reach the dask scheduler at {scheduler} ({error}); check the address or drop --scheduler"
-            ) from None
-        with client:
-            yield client
-        return
-    count = workers or default_workers()
-    # The workers' statistical profiler samples every task thread 100 times a second: pure overhead here.
-    with dask.config.set({"distributed.worker.profile.enabled": False}), LocalCluster(
-        n_workers=count,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",  # any free port: never clash with another cluster's 8787
-        scheduler_kwargs={"dashboard": False},
-        worker_dashboard_address=None,
-        silence_logs=logging.ERROR,
-    ) as cluster, Client(cluster) as client:
-        yield client
+def tile_workers(workers: int | str | None) -> int:
+    """Writer threads of a local run: a number, or auto/None for min(4, cores)."""
+    if workers is None or workers == "auto":
+        return max(1, min(4, os.cpu_count() or 1))
+    try:
+        count = int(workers)
+    except (TypeError, ValueError):
+        raise WsisegError(f"--workers must be a number or auto, got {workers!r}") from None
+    if count < 0:
+        raise WsisegError(f"--workers must be 0 or more (0 = in this thread), got {count}")
+    return count
 
 
 def _batches(positions: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
@@ -90,25 +50,45 @@ def _batches(positions: list[tuple[int, int]], parts: int) -> list[list[tuple[in
 
 
 def _run_tiles(
-    client: Any, slide: Slide, store: TileStore, positions: list[tuple[int, int]], label: str, show: bool
+    client: Any, workers: int, slide: Slide, store: TileStore, positions: list[tuple[int, int]], label: str,
+    show: bool,
 ) -> None:
+    """Write the tiles: as tasks of the dask cluster of `client`, else in `workers` threads of this process.
+
+    Threads need no networking and read and compress as fast as processes (OpenSlide, the JPEG
+    decoders and the zarr codecs release the GIL).
+    """
     array_path = str(store.path / IMAGE)
     shape = (3, store.height, store.width)
     with progress_bar(len(positions), label, unit="tiles", disable=not show) as advance:
-        if client is None:
+        if client is None and workers == 0:
             for batch in _batches(positions, max(1, len(positions) // 8)):
                 advance(write_tiles(slide, array_path, shape, store.mpp, store.tile, batch))
             return
-        from distributed import as_completed
+        if client is None:
+            batches = _batches(positions, 4 * workers)
+            with ThreadPoolExecutor(workers, thread_name_prefix="wsiseg-tile") as pool:
+                futures = [pool.submit(write_tiles, slide, array_path, shape, store.mpp, store.tile, b) for b in batches]
+                try:
+                    for future in as_completed(futures):
+                        advance(future.result())
+                finally:
+                    for future in futures:
+                        future.cancel()
+            return
+        from distributed import as_completed as dask_completed
 
-        workers = max(1, len(client.scheduler_info().get("workers", {})))
-        batches = _batches(positions, 4 * workers)
+        count = max(1, len(client.scheduler_info().get("workers", {})))
+        batches = _batches(positions, 4 * count)
         futures = [
             client.submit(write_tiles, slide, array_path, shape, store.mpp, store.tile, batch, pure=False)
             for batch in batches
         ]
-        for future in as_completed(futures):
-            advance(future.result())
+        try:
+            for future in dask_completed(futures):
+                advance(future.result())
+        finally:
+            client.cancel(futures)
 
 
 # --- one slide --------------------------------------------------------------------------------
@@ -162,10 +142,22 @@ def _new_store(partial: Path, slide: Slide, settings: dict[str, Any], tissue: Ti
     return store
 
 
-def _check_workers(workers: int | None) -> None:
-    """A negative worker count would start a cluster without workers that waits for ever."""
-    if workers is not None and workers < 0:
-        raise WsisegError(f"--workers must be 0 or more (0 = in this process), got {workers}")
+def _finished(out: Path, settings: dict[str, Any], overwrite: bool) -> TileStore | None:
+    """The store a finished run with these settings left at `out` (nothing to do), else None (to tile).
+
+    A store with other settings is refused without `overwrite`.
+    """
+    if overwrite or not out.exists():
+        return None
+    try:
+        store = TileStore.open(out)
+    except WsisegError:
+        store = None
+    if store is not None and store.is_complete and all(store.attrs.get(k) == settings[k] for k in RESUME_KEYS):
+        return store
+    raise WsisegError(
+        f"{out} already exists and holds other settings: pass --overwrite to replace it, or choose another output path"
+    )
 
 
 def tile_slide(
@@ -175,7 +167,7 @@ def tile_slide(
     *,
     slide_mpp: float | None = None,
     tile: int = 512,
-    workers: int | None = None,
+    workers: int | str | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
     tissue_mask_path: str | Path | None = None,
@@ -186,35 +178,47 @@ def tile_slide(
 ) -> TileStore:
     """Tile one slide's tissue at `mpp` into the zarr store `out` (resuming an interrupted run).
 
-    `workers`: local dask worker processes (default min(4, CPUs); 0 = in this process);
-    `scheduler`: address of an existing dask cluster instead; `client`: an open dask client to reuse.
-    `tissue`: auto (detect, with `tissue_options` as TissueSettings fields), all, or a mask file
+    `workers`: threads of this process (auto: min(4, cores); 0 = in this thread); `scheduler`:
+    address of an existing dask cluster instead; `client`: an open dask client to reuse. A store
+    a finished run with the same settings left at `out` is returned as it is. `tissue`: auto
+    (detect, with `tissue_options` as TissueSettings fields), all, or a mask file
     (`tissue_mask_path` is the same as passing the file as `tissue`).
     """
     if tile < 16:
         raise WsisegError(f"--tile must be at least 16 pixels, got {tile}")
-    _check_workers(workers)
+    tile_workers(workers)
+    tissue = check_tissue_option(tissue_mask_path if tissue_mask_path is not None else tissue)
     if not isinstance(slide, Slide):
         with open_slide(slide, slide_mpp) as opened:
-            return tile_slide(
-                opened, out, mpp, tile=tile, workers=workers, scheduler=scheduler, overwrite=overwrite,
-                tissue_mask_path=tissue_mask_path, tissue_options=tissue_options, client=client, progress=progress,
-                tissue=tissue,
-            )
-    out = Path(out)
-    tissue = check_tissue_option(tissue_mask_path if tissue_mask_path is not None else tissue)
+            return _tile(opened, Path(out), mpp, tile, workers, scheduler, overwrite, tissue, tissue_options,
+                         client, progress)[0]
+    return _tile(slide, Path(out), mpp, tile, workers, scheduler, overwrite, tissue, tissue_options, client,
+                 progress)[0]
+
+
+def _tile(
+    slide: Slide, out: Path, mpp: float, tile: int, workers: int | str | None, scheduler: str | None, overwrite: bool,
+    tissue: str | Path, tissue_options: dict[str, Any] | None, client: Any, progress: bool,
+) -> tuple[TileStore, int | None]:
+    """`tile_slide` of an open slide: (the store, tiles written, or None when a finished run is reused)."""
+    threads = tile_workers(workers)
     settings = _settings(slide, mpp, tile)
     if mpp < slide.mpp * (1 - 1e-6):
         log.warning(
             "%s: target %g MPP is finer than the slide's %g: upsampling %.2fx (no detail is added)",
             slide.path.name, mpp, slide.mpp, slide.mpp / mpp,
         )
-    check_writable(out, overwrite)
+    finished = _finished(out, settings, overwrite)
+    if finished is not None:
+        log.info("%s: %s was finished by an earlier run with the same settings: skipped", slide.path.name, out)
+        _publish_sidecars(out)
+        return finished, None
+    check_writable(out, overwrite=True)
     partial = partial_path(out)
     if overwrite and partial.exists():
         remove(partial)
     store = _resumable(partial, settings)
-    with log_to_file(partial.with_name(f".{out.name}.log")) as log_file:
+    with log_to_file(_log_path(out)):
         if store is None:
             log.info("%s: detecting tissue", slide.path.name)
             mask, source = resolve_tissue(tissue, slide, TissueSettings(**(tissue_options or {})))
@@ -233,9 +237,8 @@ def tile_slide(
                         "file)", slide.path.name)
         started = time.perf_counter()
         if missing:
-            context = nullcontext(client) if client is not None else dask_client(workers, scheduler)
-            with context as active:
-                _run_tiles(active, slide, store, missing, f"tiling {slide.path.name}", progress)
+            with nullcontext(client) if client is not None else dask_client(scheduler) as active:
+                _run_tiles(active, threads, slide, store, missing, f"tiling {slide.path.name}", progress)
         left = len(positions) - len(store.stored_tiles(positions))
         if left:
             raise WsisegError(f"{left} tiles of {slide.path.name} were not written; rerun the same command to resume")
@@ -245,35 +248,36 @@ def tile_slide(
         log.info("%s: pyramid of %d levels written", slide.path.name, write_pyramid(partial))
     mark_complete(partial)
     publish(partial, out)
-    if sidecar(partial, QC_SUFFIX).exists():
-        sidecar(partial, QC_SUFFIX).replace(sidecar(out, QC_SUFFIX))
-    Path(log_file).replace(sidecar(out, LOG_SUFFIX))
-    return TileStore.open(out)
+    _publish_sidecars(out)
+    return TileStore.open(out), len(missing)
+
+
+def _log_path(out: Path) -> Path:
+    """Where a run writes its log until the store is published."""
+    return partial_path(out).with_name(f".{out.name}.log")
+
+
+def _publish_sidecars(out: Path) -> None:
+    """Move the QC picture and log of a published store beside it (also those a run killed just after
+    publishing the store left behind)."""
+    for temporary, final in ((sidecar(partial_path(out), QC_SUFFIX), sidecar(out, QC_SUFFIX)),
+                             (_log_path(out), sidecar(out, LOG_SUFFIX))):
+        if temporary.exists():
+            publish(temporary, final)
 
 
 # --- several slides ---------------------------------------------------------------------------
-def slide_stem(path: Path) -> str:
-    """The name a slide's store gets: file name without its (double) suffix, e.g. a.ome.tiff -> a."""
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem if path.is_file() else name
-
-
-def store_paths(slides: Sequence[Path], out: Path) -> list[Path]:
-    """Where each slide's store goes: `out` itself when it ends in .zarr (one slide), else out/<stem>.zarr."""
-    if out.suffix == ".zarr":
-        if len(slides) != 1:
-            raise WsisegError(f"--out {out} names one store but {len(slides)} slides were given: pass a folder")
-        return [out]
-    paths = [out / f"{slide_stem(Path(s))}.zarr" for s in slides]
-    seen: dict[Path, Path] = {}
-    for slide, path in zip(slides, paths):
-        if path in seen:
-            raise WsisegError(f"{slide} and {seen[path]} would both be stored as {path}: rename one of them")
-        seen[path] = Path(slide)
-    return paths
+def _tile_one(slide: Slide, out: Path, mpp: float, client: Any, options: dict[str, Any]) -> SlideResult:
+    started = time.perf_counter()
+    try:
+        store, written = _tile(slide, out, mpp, client=client, scheduler=None, **options)
+    finally:
+        slide.close()
+    tiles = len(store.tissue_tiles())
+    elapsed = time.perf_counter() - started
+    status = "skipped" if written is None else "done" if tiles else "empty"
+    rate = written / elapsed if written and elapsed > 0 else None
+    return SlideResult(Path(slide.path), out, status, (store.width, store.height), tiles, rate)
 
 
 def tile_slides(
@@ -283,7 +287,7 @@ def tile_slides(
     *,
     slide_mpp: float | None = None,
     tile: int = 512,
-    workers: int | None = None,
+    workers: int | str | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
     skip_errors: bool = False,
@@ -291,65 +295,46 @@ def tile_slides(
     tissue_options: dict[str, Any] | None = None,
     progress: bool = True,
     tissue: str | Path = "auto",
-) -> list[TileResult]:
-    """Tile several slides, a store each, sharing one dask cluster; with `skip_errors`, go on past bad ones.
+) -> list[SlideResult]:
+    """Tile several slides, a store each (`slide_outputs`, suffix .zarr), sharing one dask client.
 
-    Every slide is checked (opens, has an MPP, output writable) before any tiling starts.
+    Every slide is opened before any tiling starts; with `skip_errors`, go on past bad ones.
+    Stores finished by an earlier run with the same settings are skipped, interrupted ones resume.
+    The output folder (or store) is locked for the run.
     """
-    _check_workers(workers)
+    tile_workers(workers)
     paths = [Path(s) for s in slides]
     if not paths:
         raise WsisegError("no slides given: pass one or more slide files")
     tissue = check_tissue_option(tissue_mask_path if tissue_mask_path is not None else tissue)
     if isinstance(tissue, Path) and len(paths) > 1:
         raise WsisegError("a tissue mask file applies to one slide: tile the slides one at a time")
-    stores = store_paths(paths, Path(out))
-    results: list[TileResult] = []
-    ready: list[tuple[Slide, Path]] = []
-    for path, store in zip(paths, stores):
-        try:
-            slide = open_slide(path, slide_mpp)
-            size = slide.size_at(mpp)
-            check_writable(store, overwrite)
-            ready.append((slide, store))
-            results.append(TileResult(path, store, "pending", size=size))
-        except WsisegError as error:
-            if not skip_errors:
-                raise
-            log.error("%s", error)
-            results.append(TileResult(path, store, "failed", message=str(error)))
-    pending = [r for r in results if r.status == "pending"]
-    with dask_client(workers, scheduler) if pending else nullcontext() as client:
-        for (slide, store), result in zip(ready, pending):
-            started = time.perf_counter()
+    stores = slide_outputs(paths, out, ".zarr")
+    options = {"tile": tile, "workers": workers, "overwrite": overwrite, "tissue": tissue,
+               "tissue_options": tissue_options, "progress": progress}
+    with output_lock(Path(out), "tile"):
+        opened: dict[Path, Slide] = {}
+        failed: dict[Path, SlideResult] = {}
+        for path, store in zip(paths, stores):
             try:
-                done = tile_slide(
-                    slide, store, mpp, tile=tile, overwrite=overwrite, tissue=tissue,
-                    tissue_options=tissue_options, client=client, workers=workers, progress=progress,
-                )
-                result.tiles = len(done.tissue_tiles())
-                result.status = "done" if result.tiles else "empty"
+                opened[path] = open_slide(path, slide_mpp)
+                opened[path].size_at(mpp)
             except WsisegError as error:
-                if not skip_errors:
-                    raise
-                log.error("%s", error)
-                result.status, result.message = "failed", str(error)
-            finally:
-                slide.close()
-            result.seconds = time.perf_counter() - started
-    return results
+                failed[path] = _preflight_failure(path, store, error, skip_errors, opened)
+        ready = [(path, store) for path, store in zip(paths, stores) if path in opened]
+        with dask_client(scheduler) if ready else nullcontext() as client:
+            work = lambda path, store: _tile_one(opened[path], store, mpp, client, options)  # noqa: E731
+            done = run_slides([p for p, _ in ready], [s for _, s in ready], work, skip_errors=skip_errors)
+        results = dict(zip([p for p, _ in ready], done)) | failed
+    return [results[path] for path in paths]
 
 
-def summary_rows(results: Sequence[TileResult]) -> list[tuple[str, ...]]:
-    """Rows (slide, status, size, tiles, seconds, store or message) for the summary table."""
-    return [
-        (
-            r.slide.name,
-            r.status,
-            f"{r.size[0]}x{r.size[1]}" if r.size != (0, 0) else "-",
-            str(r.tiles),
-            f"{r.seconds:.1f}",
-            r.message if r.status == "failed" else str(r.store),
-        )
-        for r in results
-    ]
+def _preflight_failure(
+    path: Path, store: Path, error: WsisegError, skip_errors: bool, opened: dict[Path, Slide]
+) -> SlideResult:
+    if not skip_errors:
+        for slide in opened.values():
+            slide.close()
+        raise error
+    log.error("%s", error)
+    return SlideResult(path, store, "failed", message=str(error))

@@ -29,6 +29,7 @@ from wsiseg.config_types import Config, TrainingConfig
 from wsiseg.engine.predictors import SegmenterPredictor, autocast_dtype
 from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
+from wsiseg.locks import acquire, release
 from wsiseg.metrics import MetricAccumulator, format_metrics
 from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.train.augment import TrainTransform
@@ -455,6 +456,7 @@ def train_model(config: str | Path | dict[str, Any], resume: str | Path | None =
 
         check_compatible(read_checkpoint(resume)["config"], config, Path(resume))
     dist = Distributed()
+    lock = None
     try:
         chosen = resolve_device(config["system"]["device"])
         if dist.enabled and chosen.type == "cuda":
@@ -465,6 +467,7 @@ def train_model(config: str | Path | dict[str, Any], resume: str | Path | None =
         out = Path(config["logging"]["output_dir"])
         config["logging"]["output_dir"] = str(out)
         if dist.main:
+            lock = acquire(out, "train", inside=False)  # beside: an empty folder stays empty
             prepare_output(out, resume is not None, overwrite)
         dist.barrier()
         with log_to_file(out / "training.log") if dist.main else contextlib.nullcontext():
@@ -484,5 +487,6 @@ def train_model(config: str | Path | dict[str, Any], resume: str | Path | None =
                          out / "checkpoints")
             return summary
     finally:
+        release(lock)
         dist.close()
 
