@@ -6,9 +6,10 @@
 
 `revisions` extracts each revision with `git archive`, runs the same commands from each under the
 same output path (so recorded paths agree), then compares. Every file is compared byte for byte,
-except what holds wall-clock facts: logs are skipped, JSON / JSON lines are compared with timing
-and file-time keys removed, and checkpoints are compared tensor by tensor with the training
-history's timings removed. Each file is reported with how it was compared. Exit 1 on a difference.
+except what holds wall-clock or per-run facts: logs are skipped, JSON / JSON lines are compared with
+timing and file-time keys removed, checkpoints tensor by tensor with the training history's
+timings removed, OME-TIFFs byte for byte but their random UUID, and safetensors files with their
+metadata read as a mapping (its key order varies from run to run). Each file is reported with how it was compared. Exit 1 on a difference.
 Runs on the CPU with one thread (OMP_NUM_THREADS=1) so both sides compute the same floats.
 """
 
@@ -27,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-VOLATILE = re.compile(r"(seconds|_s$|per_s|mtime|elapsed|started|finished|timestamp|duration)")
+# wall-clock facts, and the checkpoint's size: torch.save names its archive after the temporary file
+VOLATILE = re.compile(r"(seconds|_s$|per_s|mtime|elapsed|started|finished|timestamp|duration|^checkpoint_size$)")
+OME_UUID = re.compile(rb"urn:uuid:[0-9a-f-]{36}")
 SKIPPED = (".log",)
 
 
@@ -117,7 +120,18 @@ def compare_file(a: Path, b: Path) -> tuple[bool, str]:
         return rows[0] == rows[1], "json lines without timings"
     if a.suffix == ".pth":
         return _same_checkpoint(a, b), "checkpoint tensors, timings removed"
+    if a.name.endswith(".ome.tif"):
+        return OME_UUID.sub(b"", a.read_bytes()) == OME_UUID.sub(b"", b.read_bytes()), "bytes but the OME UUID"
+    if a.suffix == ".safetensors":
+        return _safetensors(a) == _safetensors(b), "safetensors, metadata as a mapping"
     return False, "bytes"
+
+
+def _safetensors(path: Path) -> tuple[dict[str, Any], bytes]:
+    """(header, tensor bytes) of a safetensors file: its header's key order is not part of the content."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]), data[8 + size :]
 
 
 def compare(a: Path, b: Path) -> int:
