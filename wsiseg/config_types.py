@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 from wsiseg.metrics import SUMMARY_METRICS
+from wsiseg.models.choices import DECODERS
 
 REQUIRED = object()
 LOSSES = ("cross_entropy", "dice", "iou", "ohem", "focal")
@@ -74,7 +75,7 @@ class ModelConfig:
     name: str = key(help="a registry name or timm:<name>")
     pfm_weights_path: str | None = None
     emb_dim: int | None = key(None, minimum=1, help="checked against the model")
-    decoder: str = key("fused", choices=("fused", "progressive"))
+    decoder: str = key("fused", choices=tuple(DECODERS))
     finetune_mode: str = key("lora", choices=("lora", "dora", "full", "frozen"))
     lora_r: int = key(8, minimum=1)
     lora_alpha: float = key(16.0, minimum=0, help="peft scaling: the update is scaled by lora_alpha / lora_r")

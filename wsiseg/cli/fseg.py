@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-MODES = ("project", "nearest", "nmf")
+from wsiseg.fseg.modes import MODES
 
 
 def split_k_values(slides: tuple[Path, ...], ks: tuple[str, ...]) -> tuple[list[Path], list[int]]:
@@ -35,7 +35,7 @@ def split_k_values(slides: tuple[Path, ...], ks: tuple[str, ...]) -> tuple[list[
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone weights file or folder.")
 @click.option("--bank", type=click.Path(path_type=Path), default=None,
               help="Concept bank (wsiseg fseg-fit output or F-Seg joblib); without it k concepts are fitted on the slides.")
-@click.option("--mode", type=click.Choice(MODES), default="project", show_default=True,
+@click.option("--mode", type=click.Choice(tuple(MODES)), default="project", show_default=True,
               help="project: NNLS weights; nearest: cosine similarity; nmf: per-window factorisation matched to the bank.")
 @click.option("--scale-before-argmax", is_flag=True, help="Divide each concept's weight map by its maximum in the window.")
 @click.option("--layer", type=int, default=None, help="Block (ViT) or stage (CNN) index; default the bank's, else the last.")

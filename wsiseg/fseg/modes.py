@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from wsiseg.errors import WsisegError
+from wsiseg.choices import Choices
 from wsiseg.fseg.nnls import project
 
 if TYPE_CHECKING:
     import torch
 
-MODES = ("project", "nearest", "nmf")
+MODES = Choices("F-Seg mode", {
+    "project": "wsiseg.fseg.nnls:project",  # NNLS weights
+    "nearest": "wsiseg.fseg.modes:nearest",  # cosine similarity
+    "nmf": "wsiseg.fseg.modes:nmf",  # per-window factorisation matched to the bank
+})
 NMF_ITERATIONS = 100
 _EPS = 1e-12
 
@@ -72,14 +76,7 @@ def concept_scores(
     With `scale_before_argmax` each image's map of each concept is divided by its maximum over
     that image, so weak but spatially distinct concepts can still win the argmax.
     """
-    if mode == "project":
-        scores = project(features, concepts.to(features.device))
-    elif mode == "nearest":
-        scores = nearest(features, concepts)
-    elif mode == "nmf":
-        scores = nmf(features, concepts)
-    else:
-        raise WsisegError(f"unknown F-Seg mode {mode!r}: use one of {', '.join(MODES)}")
+    scores = MODES.load(mode)(features, concepts.to(features.device))
     if scale_before_argmax:
         peak = scores.amax(dim=(2, 3), keepdim=True)
         scores = scores / peak.clamp_min(_EPS)

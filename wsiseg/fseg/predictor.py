@@ -60,7 +60,7 @@ class FsegPredictor:
         import torch
 
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
         self.extractor = extractor
         self.concepts = torch.as_tensor(np.array(concepts, dtype=np.float32, copy=True), device=extractor.device)
         self.mode = mode

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DECODERS = ("fused", "progressive")
+from wsiseg.models.choices import DECODERS
 
 
 class ConvBlock(nn.Sequential):
@@ -114,7 +114,5 @@ class FusedDecoder(nn.Module):
 
 
 def build_decoder(kind: str, in_dims: Sequence[int], strides: Sequence[int], num_classes: int) -> nn.Module:
-    """The decoder called `kind` ("fused" or "progressive")."""
-    if kind == "progressive":
-        return ProgressiveDecoder(in_dims, strides, num_classes)
-    return FusedDecoder(in_dims, strides, num_classes)
+    """The decoder registered as `kind` in `wsiseg.models.choices.DECODERS`."""
+    return DECODERS.load(kind)(in_dims, strides, num_classes)

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from wsiseg.errors import WsisegError
-from wsiseg.models.decoders import DECODERS, build_decoder
+from wsiseg.models.choices import DECODERS
+from wsiseg.models.decoders import build_decoder
 from wsiseg.models.features import feature_maps, is_vit, vit_layers
 from wsiseg.models.finetune import MODES, apply_finetune, count_parameters
 from wsiseg.models.registry import BackboneSpec, build_backbone, entry, get_spec
@@ -77,8 +78,7 @@ def model_config(model_cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = {**defaults("model"), **{k: v for k, v in model_cfg.items() if v is not None or k == "pfm_weights_path"}}
     if cfg["finetune_mode"] not in MODES:
         raise WsisegError(f"unknown model.finetune_mode {cfg['finetune_mode']!r}: use one of {', '.join(MODES)}")
-    if cfg["decoder"] not in DECODERS:
-        raise WsisegError(f"unknown model.decoder {cfg['decoder']!r}: use one of {', '.join(DECODERS)}")
+    DECODERS.check(cfg["decoder"])
     return cfg
 
 
