@@ -17,7 +17,8 @@ import yaml
 
 from tests.train_fixtures import make_dataset, reference_config
 from wsiseg.config import apply_options, check_config, load_config, validate_config
-from wsiseg.config_reference import migrate_config, model_name, normalise
+from wsiseg.config import migrate_config
+from wsiseg.config_reference import model_name, normalise
 from wsiseg.config_types import Config, TrainingConfig
 from wsiseg.errors import WsisegError
 

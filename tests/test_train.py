@@ -78,6 +78,32 @@ def test_existing_run_is_not_overwritten(uninterrupted: dict) -> None:
         train_model(uninterrupted["config"])
 
 
+def test_run_stopped_before_its_first_checkpoint_starts_over(tmp_path: Path, samples: dict[str, Path]) -> None:
+    json_path = make_dataset(tmp_path / "data", samples)
+    config = make_config(tmp_path, json_path, training={"epochs": 1})
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.yaml").write_text("left by a run that failed\n")
+    (out / "training.log").write_text("failed before its first checkpoint\n")
+    summary = train_model(config)
+    assert summary["epochs"] == 1
+    assert (out / "checkpoints" / "last.pth").is_file()
+    assert "failed before" not in (out / "training.log").read_text()
+
+
+def test_foreign_files_without_a_checkpoint_are_refused_with_true_advice(tmp_path: Path,
+                                                                         samples: dict[str, Path]) -> None:
+    json_path = make_dataset(tmp_path / "data", samples)
+    config = make_config(tmp_path, json_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file\n")
+    with pytest.raises(WsisegError, match="holds no run to resume .*last.pth is missing.*--overwrite") as error:
+        train_model(config)
+    assert "--resume" not in str(error.value)
+    assert (out / "notes.txt").read_text() == "the user's own file\n"
+
+
 def test_resume_refuses_another_class_count(tmp_path: Path, samples: dict[str, Path], uninterrupted: dict) -> None:
     json_path = make_dataset(tmp_path / "data", samples)
     config = make_config(tmp_path, json_path, dataset={"num_classes": 5, "class_names": None})

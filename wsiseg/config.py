@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from wsiseg.config_types import AUGMENTATIONS, LOSSES, REQUIRED, SECTIONS, Key, LossOptions, schema
+from wsiseg.config_reference import drop_counterparts, get_path, nested_home, normalise, reference_keys, set_path
+from wsiseg.config_types import AUGMENTATIONS, LOSS_OPTIONS, LOSSES, REQUIRED, SCHEMA, SECTIONS, Key
 from wsiseg.errors import WsisegError
 from wsiseg.train.dataset_json import read_dataset_json, resolve_path
 
 DEMO_DATASET = "sample:hgsc_nest"
 
-SCHEMA: dict[str, dict[str, Key]] = {name: schema(section) for name, section in SECTIONS.items()}
-LOSS_OPTIONS: dict[str, Key] = schema(LossOptions)
 
 
 def defaults(section: str) -> dict[str, Any]:
@@ -92,7 +91,6 @@ def _fill_section(name: str, given: Any, problems: _Problems, aliases: dict[str,
                   unreadable: set[str]) -> dict[str, Any]:
     """One section with defaults filled; `aliases` names native keys after the reference keys they came from,
     `unreadable` holds native keys whose reference value was refused already (not reported missing again)."""
-    from wsiseg.config_reference import nested_home, reference_keys
 
     schema = SCHEMA[name]
     if given is None:
@@ -265,7 +263,6 @@ class ReadConfig(NamedTuple):
 def check_config(raw: Any, base_dir: Path | str = ".", source: str = "config",
                  splits: tuple[str, ...] = ("train", "val"), check_files: bool = True) -> ReadConfig:
     """Normalise the reference dialect, fill defaults and check a config mapping (one WsisegError for all problems)."""
-    from wsiseg.config_reference import normalise
 
     base_dir = Path(base_dir)
     problems = _Problems()
@@ -320,7 +317,6 @@ def apply_options(raw: dict[str, Any], options: Sequence[str]) -> dict[str, Any]
     """`key.path=value` overrides (the value parsed as YAML) applied to a raw config mapping, in order."""
     import yaml
 
-    from wsiseg.config_reference import drop_counterparts
 
     for option in options:
         path, sep, text = option.partition("=")
@@ -381,3 +377,38 @@ def dump_config(config: dict[str, Any], path: Path | str) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def migrate_config(path: Path | str, out: Path | str | None = None, overwrite: bool = False) -> str:
+    """The native YAML equivalent of a (reference) config file; written to `out` when given.
+
+    Only the keys the file sets are written (defaults stay implicit). Relative input paths are
+    rewritten relative to the folder of `out`, so they keep pointing at the same files.
+    """
+    import os
+
+    import yaml
+
+    from wsiseg.outputs import atomic_file, check_writable
+
+    path = Path(path)
+    raw = read_yaml(path)
+    result = normalise(raw)
+    base = path.resolve().parent
+    validate_config(raw, base, f"config {path}", check_files=False)
+    native = result.raw
+    target = Path(out).resolve().parent if out is not None else Path.cwd()
+    for where in ("dataset.json", "model.pfm_weights_path"):
+        value = get_path(native, where)
+        if isinstance(value, str) and not value.startswith("sample:") and not Path(value).expanduser().is_absolute():
+            set_path(native, where, os.path.relpath(resolve_path(value, base), target))
+    header = f"# native wsiseg config migrated from {path.name}\n"
+    if result.notes:
+        header += "".join(f"#   {note}\n" for note in result.notes)
+    text = header + yaml.safe_dump(native, sort_keys=False)
+    if out is not None:
+        out = Path(out)
+        check_writable(out, overwrite)
+        with atomic_file(out) as partial:
+            Path(partial).write_text(text)
+    return text

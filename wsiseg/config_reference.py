@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wsiseg.config_types import LOSS_OPTIONS, LOSSES, SCHEMA
+
 UNSUPPORTED_MODES = ("cnn_adapter", "transformer_adapter")
 Lookup = Callable[[str], Any]
 
@@ -75,7 +77,6 @@ def model_name(value: Any) -> str:
 
 
 def _rank(lookup: Lookup) -> int:
-    from wsiseg.config import SCHEMA
 
     rank = lookup("model.finetune_mode.rank")
     if rank is None:
@@ -101,7 +102,6 @@ def _lr(value: Any, lookup: Lookup) -> tuple[float]:
 
 def _choices(native: str) -> tuple[str, ...]:
     """The choices of a native key (kept once, in the config schema)."""
-    from wsiseg.config import SCHEMA
 
     section, key = native.split(".")
     return tuple(SCHEMA[section][key].choices or ())
@@ -124,7 +124,6 @@ def _scheduler(value: Any, lookup: Lookup) -> tuple[str]:
 
 
 def _loss(value: Any, lookup: Lookup) -> tuple[dict[str, Any]]:
-    from wsiseg.config import LOSS_OPTIONS, LOSSES
 
     name = _word("training.loss.type", value, LOSSES)
     options = {k: v for k, v in (lookup("training.loss") or {}).items() if k in LOSS_OPTIONS}
@@ -210,7 +209,7 @@ def nested_home(key: str) -> str | None:
     return next(iter(homes)) if len(homes) == 1 else None
 
 
-def _get(mapping: Any, path: str) -> Any:
+def get_path(mapping: Any, path: str) -> Any:
     for part in path.split("."):
         if not isinstance(mapping, dict) or part not in mapping:
             return None
@@ -238,7 +237,7 @@ class Normalised:
     unreadable: set[str]
 
 
-def _set(native: dict[str, Any], path: str, value: Any) -> None:
+def set_path(native: dict[str, Any], path: str, value: Any) -> None:
     section, key = path.split(".")
     if not isinstance(native.get(section), dict):
         native[section] = {}
@@ -254,20 +253,19 @@ def _pop(native: dict[str, Any], path: str) -> None:
 
 
 def _is_reference_loss(raw: dict[str, Any]) -> bool:
-    loss = _get(raw, "training.loss")
+    loss = get_path(raw, "training.loss")
     return isinstance(loss, dict) and "type" in loss
 
 
 def _strip(raw: dict[str, Any], present: list[Row], problems: list[str]) -> dict[str, Any]:
     """A copy of `raw` without its reference keys and containers; unknown container keys become problems."""
-    from wsiseg.config import LOSS_OPTIONS, LOSSES
 
     native = copy.deepcopy(raw)
     for row in present:
         if _has(native, row.reference) and row.reference.count(".") == 1:
             _pop(native, row.reference)
     for container in CONTAINERS:
-        value = _get(raw, container)
+        value = get_path(raw, container)
         if value is None and _has(native, container):
             _pop(native, container)  # an empty mapping in the YAML
         if not isinstance(value, dict):
@@ -298,7 +296,7 @@ def normalise(raw: dict[str, Any]) -> Normalised:
     """Read the reference keys of a raw config mapping as native ones (see the module docstring)."""
     problems: list[str] = []
     aliases: dict[str, str] = {}
-    lookup: Lookup = lambda path: _get(raw, path)  # noqa: E731
+    lookup: Lookup = lambda path: get_path(raw, path)  # noqa: E731
     present = [row for row in TABLE if _has(raw, row.reference)]
     native = _strip(raw, present, problems)
     given_natively = {f"{s}.{k}" for s, keys in native.items() if isinstance(keys, dict) for k in keys}
@@ -318,13 +316,13 @@ def normalise(raw: dict[str, Any]) -> Normalised:
                 if (path in row.defaults_only) != soft_pass:
                     continue
                 if path in given_natively or (soft_pass and path in written):
-                    if not soft_pass and _get(native, path) != value:
+                    if not soft_pass and get_path(native, path) != value:
                         problems.append(f"{row.reference} (reference) and {path} (native) set the same thing; keep one")
                     continue
                 if path in written and path != "logging.output_dir":
                     problems.append(f"{row.reference} and {written[path]} both set {path}; keep one")
                     continue
-                _set(native, path, value)
+                set_path(native, path, value)
                 written.setdefault(path, row.reference)
                 aliases.setdefault(path, row.reference)
                 shown[row].append(f"{path} {value!r}")
@@ -340,43 +338,5 @@ def drop_counterparts(raw: dict[str, Any], path: str) -> None:
             _pop(raw, row.reference)
         elif path == row.reference:
             for native in hard:
-                if _has(raw, native) and not isinstance(_get(raw, native), dict):
+                if _has(raw, native) and not isinstance(get_path(raw, native), dict):
                     _pop(raw, native)
-
-
-def migrate_config(path: Path | str, out: Path | str | None = None, overwrite: bool = False) -> str:
-    """The native YAML equivalent of a (reference) config file; written to `out` when given.
-
-    Only the keys the file sets are written (defaults stay implicit). Relative input paths are
-    rewritten relative to the folder of `out`, so they keep pointing at the same files.
-    """
-    import os
-
-    import yaml
-
-    from wsiseg.config import read_yaml, validate_config
-    from wsiseg.outputs import atomic_file, check_writable
-
-    path = Path(path)
-    raw = read_yaml(path)
-    result = normalise(raw)
-    base = path.resolve().parent
-    validate_config(raw, base, f"config {path}", check_files=False)
-    native = result.raw
-    target = Path(out).resolve().parent if out is not None else Path.cwd()
-    for where in ("dataset.json", "model.pfm_weights_path"):
-        value = _get(native, where)
-        if isinstance(value, str) and not value.startswith("sample:") and not Path(value).expanduser().is_absolute():
-            from wsiseg.train.dataset_json import resolve_path
-
-            _set(native, where, os.path.relpath(resolve_path(value, base), target))
-    header = f"# native wsiseg config migrated from {path.name}\n"
-    if result.notes:
-        header += "".join(f"#   {note}\n" for note in result.notes)
-    text = header + yaml.safe_dump(native, sort_keys=False)
-    if out is not None:
-        out = Path(out)
-        check_writable(out, overwrite)
-        with atomic_file(out) as partial:
-            Path(partial).write_text(text)
-    return text

@@ -202,3 +202,7 @@ def schema(section: type) -> dict[str, Key]:
         out[item.name] = Key(default, accepted, meta.get("choices"), meta.get("minimum"), meta.get("maximum"),
                              nullable, meta.get("help", ""))
     return out
+
+
+SCHEMA: dict[str, dict[str, Key]] = {name: schema(section) for name, section in SECTIONS.items()}
+LOSS_OPTIONS: dict[str, Key] = schema(LossOptions)

@@ -19,7 +19,7 @@ def config_command() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 def migrate_command(old: Path, out: Path | None, overwrite: bool) -> None:
     """Write the native equivalent of a reference config OLD (checked first; comments list what changed)."""
-    from wsiseg.config_reference import migrate_config
+    from wsiseg.config import migrate_config
 
     text = migrate_config(old, out, overwrite=overwrite)
     if out is None:

@@ -431,7 +431,8 @@ def build_backbone(name: str, weights_path: str | Path | None = None, device: st
         weights_path = found.default_weights()
     if weights_path is None:
         if device != "meta":
-            log.warning("%s: no weights given (pfm_weights_path: null), the backbone is randomly initialised", name)
+            log.warning("%s: no weights given, the backbone is randomly initialised (pass --weights, or set "
+                        "model.pfm_weights_path in a training config)", name)
         return create(name, device, **kwargs)
     return load_backbone_weights(name, Path(weights_path), device=device, **kwargs)
 

@@ -398,14 +398,31 @@ class Trainer:
                 "epochs": self.epoch, "last": self.history[-1] if self.history else None}
 
 
+RUN_FILES = {"config.yaml", "training.log", "metrics.jsonl", "training_history.png", "checkpoints", "visualizations"}
+
+
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Create the output tree; refuse to train over an existing run without --resume or --overwrite."""
+    """Create the output tree; refuse to train over an existing run without --resume or --overwrite.
+
+    A folder that holds only the files of a run that stopped before its first checkpoint has nothing
+    to resume: a plain rerun starts it over.
+    """
     from wsiseg.outputs import remove
 
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise WsisegError(f"output folder {out} already holds a run: pass --resume {out} to "
+    if out.exists() and any(out.iterdir()) and not resume and not overwrite:
+        last = out / "checkpoints" / "last.pth"
+        if last.is_file():
+            raise WsisegError(f"output folder {out} already holds a run: pass --resume {last} to "
                               "continue it, --overwrite to replace it, or set logging.output_dir (log_dir/experiment_name)")
+        names = {path.name for path in out.iterdir()}
+        checkpoints = list((out / "checkpoints").glob("*.pth")) if (out / "checkpoints").is_dir() else []
+        if not names <= RUN_FILES or checkpoints:
+            raise WsisegError(f"output folder {out} is not empty and holds no run to resume "
+                              f"({out / 'checkpoints' / 'last.pth'} is missing): pass --overwrite to replace it, "
+                              "or set logging.output_dir (log_dir/experiment_name) to another folder")
+        log.warning("%s holds a run that stopped before its first checkpoint: starting it over", out)
+        overwrite = True
+    if out.exists() and any(out.iterdir()) and not resume:
         remove(out)
     for sub in ("checkpoints", "visualizations"):
         (out / sub).mkdir(parents=True, exist_ok=True)
