@@ -1,15 +1,20 @@
 """The published F-Seg library (PyPI `segf` 1.0.4) as an oracle for projecting onto a bank with negative entries.
 
-segf needs scikit-learn (and pytorch-grad-cam) that the project does not install: the test runs where
-they can be imported (for example with PYTHONPATH pointing at unpacked wheels) and is skipped elsewhere.
-segf reaches its activations through a forward-hook helper of pytorch-grad-cam; the test hands it the
-activations directly, so where that package is missing an empty stand-in module is enough to import segf.
+segf pins old dependencies, so it is never installed: its source (`pip download --no-deps`) is unpacked
+once into a cache folder and imported from there; scikit-learn, which it solves with, is a dev dependency.
+The test is skipped with a message where segf cannot be downloaded. segf reaches its activations through a
+forward-hook helper of pytorch-grad-cam; the test hands it the activations directly, so an empty stand-in
+module is enough to import segf where that package is missing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
 import sys
+import tarfile
 import types
 from pathlib import Path
 
@@ -20,8 +25,39 @@ from PIL import Image
 
 pytest.importorskip("sklearn")
 
+ORACLES = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wsiseg-test-oracles"
+
+
+def _fetch_segf() -> Path:
+    """segf 1.0.4's source (no dependencies), unpacked once into a cache folder; returns the folder to import from."""
+    target = ORACLES / "segf-1.0.4"
+    if (target / "complete").is_file():
+        return target
+    scratch = ORACLES / f".partial-segf-{os.getpid()}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+                        "-d", str(scratch), "segf==1.0.4"], check=True, capture_output=True, timeout=300)
+        with tarfile.open(next(scratch.glob("segf-*.tar.gz"))) as sdist:
+            sdist.extractall(scratch, filter="data")
+        (scratch / "site").mkdir()
+        (scratch / "segf-1.0.4" / "fseg").rename(scratch / "site" / "fseg")
+        (scratch / "site" / "complete").write_text("segf 1.0.4 source\n")
+        try:
+            (scratch / "site").rename(target)
+        except OSError:  # another test process finished first
+            pass
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
 
 def segf_module():
+    """segf's fseg.fseg module, imported from the cache folder; skips when it cannot be had."""
+    try:
+        folder = str(_fetch_segf())
+    except (subprocess.SubprocessError, OSError, StopIteration) as error:
+        pytest.skip(f"segf 1.0.4 (the F-Seg oracle) cannot be downloaded here: {type(error).__name__}")
     try:
         import pytorch_grad_cam.activations_and_gradients  # noqa: F401
     except ImportError:
@@ -30,7 +66,11 @@ def segf_module():
         helper.ActivationsAndGradients = object
         sys.modules.setdefault("pytorch_grad_cam", package)
         sys.modules.setdefault("pytorch_grad_cam.activations_and_gradients", helper)
-    return pytest.importorskip("fseg.fseg")
+    sys.path.insert(0, folder)
+    try:
+        return pytest.importorskip("fseg.fseg")
+    finally:
+        sys.path.remove(folder)
 
 
 class GivenActivations:

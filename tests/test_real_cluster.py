@@ -11,6 +11,7 @@ import zarr
 
 from tests.conftest import run_cli
 from tests.real_cluster import real_cluster
+from tests.train_fixtures import save_tiny_vit
 from wsiseg.store.masks import MaskStore
 
 CLASSES = ["background", "tumour", "stroma"]
@@ -19,20 +20,7 @@ MPP = 4.0
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny ViT segmenter (random weights, fixed seed) saved as a wsiseg checkpoint."""
-    import torch
-
-    from wsiseg.models.checkpoint import save_checkpoint
-    from wsiseg.models.segmenter import build_segmenter
-
-    torch.manual_seed(0)
-    config = {
-        "dataset": {"json": "unused.json", "num_classes": 3, "class_names": CLASSES, "mpp": MPP},
-        "model": {"name": "timm:test_vit", "finetune_mode": "full", "input_size": 64},
-    }
-    path = tmp_path_factory.mktemp("model") / "tiny.pth"
-    save_checkpoint(path, build_segmenter(config["model"], 3), config, CLASSES)
-    return path
+    return save_tiny_vit(tmp_path_factory.mktemp("model") / "tiny.pth", CLASSES, MPP)
 
 
 def _labels(folder: Path) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import assert_user_error, run_cli
-from tests.train_fixtures import make_config, make_dataset
+from tests.train_fixtures import make_config, make_dataset, save_tiny_vit
 from wsiseg.cli import main
 from wsiseg.errors import WsisegError
 from wsiseg.locks import acquire, lock_path, output_lock
@@ -43,20 +43,7 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny ViT segmenter (random weights, fixed seed) saved as a wsiseg checkpoint."""
-    import torch
-
-    from wsiseg.models.checkpoint import save_checkpoint
-    from wsiseg.models.segmenter import build_segmenter
-
-    torch.manual_seed(0)
-    config = {
-        "dataset": {"json": "unused.json", "num_classes": 3, "class_names": CLASSES, "mpp": MPP},
-        "model": {"name": "timm:test_vit", "finetune_mode": "full", "input_size": 64},
-    }
-    path = tmp_path_factory.mktemp("model") / "tiny.pth"
-    save_checkpoint(path, build_segmenter(config["model"], 3), config, CLASSES)
-    return path
+    return save_tiny_vit(tmp_path_factory.mktemp("model") / "tiny.pth", CLASSES, MPP)
 
 
 def _labels(folder: Path) -> np.ndarray:

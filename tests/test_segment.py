@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from tests.blend_reference import blend_in_memory, finalise
+from tests.train_fixtures import save_tiny_vit
 from wsiseg.engine.blend import window_weights
 from wsiseg.engine.loader import partition
 from wsiseg.engine.predictors import BatchRunner, SegmenterPredictor
@@ -38,19 +39,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny ViT segmenter (random weights, fixed seed) saved as a wsiseg checkpoint."""
-    from wsiseg.models.checkpoint import save_checkpoint
-    from wsiseg.models.segmenter import build_segmenter
-
-    torch.manual_seed(0)
-    config = {
-        "dataset": {"json": "unused.json", "num_classes": 3, "class_names": CLASSES, "mpp": 4.0},
-        "model": {"name": "timm:test_vit", "finetune_mode": "full", "input_size": 64, "decoder": "fused"},
-    }
-    model = build_segmenter(config["model"], 3)
-    path = tmp_path_factory.mktemp("model") / "tiny.pth"
-    save_checkpoint(path, model, config, CLASSES)
-    return path
+    return save_tiny_vit(tmp_path_factory.mktemp("model") / "tiny.pth", CLASSES, 4.0)
 
 
 @pytest.fixture(scope="module")

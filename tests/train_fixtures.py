@@ -112,3 +112,19 @@ def reference_config(json_path: Path, weights: Path, log_dir: Path, size: int = 
         "logging": {"log_dir": str(log_dir), "experiment_name": "pfm_segmentation"},
         "visualization": {"save_interval": 1, "num_vis_samples": 1},
     }
+
+
+def save_tiny_vit(path: Path, class_names: list[str], mpp: float) -> Path:
+    """A tiny ViT segmenter (timm's test_vit, random weights, seed 0) saved as a wsiseg checkpoint for `mpp`."""
+    import torch
+
+    from wsiseg.models.checkpoint import save_checkpoint
+    from wsiseg.models.segmenter import build_segmenter
+
+    torch.manual_seed(0)
+    config = {
+        "dataset": {"json": "unused.json", "num_classes": len(class_names), "class_names": class_names, "mpp": mpp},
+        "model": {"name": "timm:test_vit", "finetune_mode": "full", "input_size": 64},
+    }
+    save_checkpoint(path, build_segmenter(config["model"], len(class_names)), config, class_names)
+    return path
