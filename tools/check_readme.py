@@ -1,6 +1,6 @@
 """Run every `wsiseg ...` example of the README, as written, in a scratch folder (by hand; slow).
 
-The scratch folder links `configs/` and the demo's outputs (`demo_output/`, made by `make demo`
+The scratch folder links `configs/`, `docs/` (example inputs) and the demo's outputs (`demo_output/`, made by `make demo`
 first), so the examples see what a user who followed the quickstart sees. Prints one line per
 command with its exit status and time; exits non-zero when any command failed.
 """
@@ -34,6 +34,7 @@ def main() -> int:
     failures = 0
     with tempfile.TemporaryDirectory(prefix="wsiseg-readme-") as scratch:
         os.symlink(ROOT / "configs", Path(scratch) / "configs")
+        os.symlink(ROOT / "docs", Path(scratch) / "docs")
         os.symlink(args.demo_output.resolve(), Path(scratch) / "demo_output")
         for command in readme_commands():
             if command[0] in args.skip:
