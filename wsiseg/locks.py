@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from wsiseg.errors import WsisegError
-from wsiseg.outputs import process_alive
+from wsiseg.outputs import process_alive, temporary_sibling
 from wsiseg.progress import get_logger
 
 log = get_logger("lock")
@@ -44,14 +44,22 @@ def _describe(holder: dict[str, Any]) -> str:
 
 
 def _try_create(path: Path, content: str) -> bool:
+    """Create the lock with its content in one step: written to a temporary, then hard-linked into place.
+
+    A lock created empty and written after would let a second run, reading it in between, take a
+    live run's lock for a stale one.
+    """
+    temporary = temporary_sibling(path)
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with open(temporary, "w") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(temporary, path)
     except FileExistsError:
         return False
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(content)
-        handle.flush()
-        os.fsync(handle.fileno())
+    finally:
+        temporary.unlink(missing_ok=True)
     return True
 
 
