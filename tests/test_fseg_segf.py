@@ -10,8 +10,6 @@ module is enough to import segf where that package is missing.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -23,33 +21,19 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.oracles import oracle_site
+
 pytest.importorskip("sklearn")
 
-ORACLES = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wsiseg-test-oracles"
+def _unpack_segf(scratch: Path, site: Path) -> None:
+    with tarfile.open(next(scratch.glob("segf-*.tar.gz"))) as sdist:
+        sdist.extractall(scratch, filter="data")
+    (scratch / "segf-1.0.4" / "fseg").rename(site / "fseg")
 
 
 def _fetch_segf() -> Path:
-    """segf 1.0.4's source (no dependencies), unpacked once into a cache folder; returns the folder to import from."""
-    target = ORACLES / "segf-1.0.4"
-    if (target / "complete").is_file():
-        return target
-    scratch = ORACLES / f".partial-segf-{os.getpid()}"
-    scratch.mkdir(parents=True, exist_ok=True)
-    try:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-                        "-d", str(scratch), "segf==1.0.4"], check=True, capture_output=True, timeout=300)
-        with tarfile.open(next(scratch.glob("segf-*.tar.gz"))) as sdist:
-            sdist.extractall(scratch, filter="data")
-        (scratch / "site").mkdir()
-        (scratch / "segf-1.0.4" / "fseg").rename(scratch / "site" / "fseg")
-        (scratch / "site" / "complete").write_text("segf 1.0.4 source\n")
-        try:
-            (scratch / "site").rename(target)
-        except OSError:  # another test process finished first
-            pass
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+    """segf 1.0.4's source (no dependencies), unpacked once into the oracle cache."""
+    return oracle_site("segf-1.0.4", [["--no-binary", ":all:", "segf==1.0.4"]], _unpack_segf)
 
 
 def segf_module():

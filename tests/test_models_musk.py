@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.oracles import oracle_site
 from wsiseg.config import load_config
 from wsiseg.errors import WsisegError
 from wsiseg.models import registry
@@ -24,33 +23,18 @@ from wsiseg.models.registry import load_backbone_weights
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "musk.yaml"
 TINY = dict(img_size=64, embed_dim=64, depth=2, num_heads=4)  # MuskVision arguments of a tiny MUSK
-ORACLES = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wsiseg-test-oracles"
+def _unpack_torchscale(scratch: Path, site: Path) -> None:
+    with zipfile.ZipFile(next(scratch.glob("torchscale-*.whl"))) as wheel:
+        wheel.extractall(site)
+    with tarfile.open(next(scratch.glob("fairscale-*.tar.gz"))) as sdist:
+        sdist.extractall(scratch, filter="data")
+    (scratch / "fairscale-0.4.0" / "fairscale").rename(site / "fairscale")
 
 
 def _fetch_torchscale() -> Path:
-    """torchscale 0.3.0 (no dependencies) and fairscale 0.4.0's source, unpacked once into a cache folder."""
-    target = ORACLES / "torchscale-0.3.0"
-    if (target / "complete").is_file():
-        return target
-    scratch = ORACLES / f".partial-{os.getpid()}"
-    scratch.mkdir(parents=True, exist_ok=True)
-    try:
-        for args in (["torchscale==0.3.0"], ["--no-binary", ":all:", "fairscale==0.4.0"]):
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(scratch), *args],
-                           check=True, capture_output=True, timeout=300)
-        with zipfile.ZipFile(next(scratch.glob("torchscale-*.whl"))) as wheel:
-            wheel.extractall(scratch / "site")
-        with tarfile.open(next(scratch.glob("fairscale-*.tar.gz"))) as sdist:
-            sdist.extractall(scratch, filter="data")
-        (scratch / "fairscale-0.4.0" / "fairscale").rename(scratch / "site" / "fairscale")
-        (scratch / "site" / "complete").write_text("torchscale 0.3.0 wheel + fairscale 0.4.0 source\n")
-        try:
-            (scratch / "site").rename(target)
-        except OSError:  # another test process finished first
-            pass
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+    """torchscale 0.3.0 (no dependencies) and fairscale 0.4.0's source, unpacked once into the oracle cache."""
+    return oracle_site("torchscale-0.3.0", [["torchscale==0.3.0"], ["--no-binary", ":all:", "fairscale==0.4.0"]],
+                       _unpack_torchscale)
 
 
 @pytest.fixture(scope="module")

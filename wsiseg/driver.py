@@ -42,6 +42,26 @@ class SlideResult:
     def ok(self) -> bool:
         return self.status != "failed"
 
+    @classmethod
+    def from_summary(cls, slide: Path | str, out: Path | str, summary: dict[str, Any]) -> SlideResult:
+        """The result of a slide segmented (or reused) by segment or fseg, from its summary.json."""
+        return cls(Path(slide), Path(out), "skipped" if summary.get("reused") else "done",
+                   (summary["width"], summary["height"]), summary["windows_tissue"], summary.get("tiles_per_s"),
+                   summary=summary)
+
+
+def parse_workers_option(value: int | str | None, auto: Callable[[], int], zero_means: str) -> int:
+    """A --workers value: a count of 0 or more, or auto/None for `auto()`."""
+    if value is None or value == "auto":
+        return auto()
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise WsisegError(f"--workers must be a number or auto, got {value!r}") from None
+    if count < 0:
+        raise WsisegError(f"--workers must be 0 or more (0 = {zero_means}), got {count}")
+    return count
+
 
 def slide_name(path: Path | str) -> str:
     """A slide's name: its file (or store folder) name without its suffix, e.g. a.ome.tiff -> a, a.zarr -> a."""

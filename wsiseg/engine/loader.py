@@ -45,17 +45,9 @@ def auto_readers(device: Any, cores: int | None = None) -> int:
 
 def parse_workers(value: int | str | None, device: Any) -> int:
     """A reader count from an int, a digit string, or "auto"/None (see `auto_readers`)."""
-    from wsiseg.errors import WsisegError
+    from wsiseg.driver import parse_workers_option
 
-    if value is None or value == "auto":
-        return auto_readers(device)
-    try:
-        count = int(value)
-    except (TypeError, ValueError):
-        raise WsisegError(f"--workers must be a number or auto, got {value!r}") from None
-    if count < 0:
-        raise WsisegError(f"--workers must be 0 or more (0 = read in the main thread), got {count}")
-    return count
+    return parse_workers_option(value, lambda: auto_readers(device), "read in the main thread")
 
 
 class _Readers:

@@ -56,19 +56,11 @@ def check_run_options(
     tissue: Any = "auto",
 ) -> None:
     """The engine options of `run_slide`, checked without opening anything."""
-    from wsiseg.engine.blend import BLEND_MODES
     from wsiseg.engine.loader import parse_workers
-    from wsiseg.engine.run import MODES
+    from wsiseg.engine.run import check_loop_options
     from wsiseg.slide.mask import check_tissue_option
 
-    if mode not in MODES:
-        raise WsisegError(f"unknown mode {mode!r}: use {' or '.join(MODES)}")
-    if blend not in BLEND_MODES:
-        raise WsisegError(f"unknown blend {blend!r}: use {' or '.join(BLEND_MODES)}")
-    if not 0 <= overlap < 1:
-        raise WsisegError(f"--overlap must be a fraction of the window in [0, 1), got {overlap}")
-    if batch_size < 1:
-        raise WsisegError(f"--batch-size must be at least 1, got {batch_size}")
+    check_loop_options(mode, blend, overlap, batch_size)
     parse_workers(workers, "cpu")
     check_positive("--mpp", mpp)
     check_positive("--slide-mpp", slide_mpp)

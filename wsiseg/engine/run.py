@@ -356,6 +356,18 @@ def _predict_regions(
     return len(regions)
 
 
+def check_loop_options(mode: str, blend: str, overlap: float, batch_size: int) -> None:
+    """Refuse a mode, blend, overlap or batch size the slide loop cannot take."""
+    if mode not in MODES:
+        raise WsisegError(f"unknown mode {mode!r}: use {' or '.join(MODES)}")
+    if blend not in BLEND_MODES:
+        raise WsisegError(f"unknown blend {blend!r}: use {' or '.join(BLEND_MODES)}")
+    if not 0 <= overlap < 1:
+        raise WsisegError(f"--overlap must be a fraction of the window in [0, 1), got {overlap}")
+    if batch_size < 1:
+        raise WsisegError(f"--batch-size must be at least 1, got {batch_size}")
+
+
 def run_slide(
     source: Any,
     predictor: Predictor,
@@ -392,14 +404,7 @@ def run_slide(
     started = time.perf_counter()
     bound_heap_growth()
     out_dir = Path(out_dir)
-    if mode not in MODES:
-        raise WsisegError(f"unknown mode {mode!r}: use windowslide or resize")
-    if blend not in BLEND_MODES:
-        raise WsisegError(f"unknown blend {blend!r}: use gaussian or constant")
-    if not 0 <= overlap < 1:
-        raise WsisegError(f"--overlap must be a fraction of the window in [0, 1), got {overlap}")
-    if batch_size < 1:
-        raise WsisegError(f"--batch-size must be at least 1, got {batch_size}")
+    check_loop_options(mode, blend, overlap, batch_size)
     multiple = int(getattr(predictor, "input_multiple", 1) or 1)
     if window % multiple:
         lower = max(multiple, window // multiple * multiple)

@@ -227,10 +227,7 @@ def _segment_one(slide: Path, out: Path, checkpoint: str, options: dict[str, Any
     predictor = cached_predictor(checkpoint, options.get("config"), device, options.get("precision"),
                                  options.get("weights"), options.get("random_weights", False))
     summary = segment_slide(slide, checkpoint, out, predictor=predictor, **options)
-    return SlideResult(
-        Path(slide), Path(out), "skipped" if summary.get("reused") else "done", (summary["width"], summary["height"]),
-        summary["windows_tissue"], summary.get("tiles_per_s"), summary=summary,
-    )
+    return SlideResult.from_summary(slide, out, summary)
 
 
 def segment_slides(

@@ -70,10 +70,7 @@ def _opens(path: Path, mpp: float | None, slide_mpp: float | None) -> bool:
 def _fseg_one(slide: Path, out: Path, options: dict[str, Any]) -> SlideResult:
     """One slide with the shared bank, here or as a dask task."""
     summary = fseg_slide(slide, out, **options)[0]
-    return SlideResult(
-        Path(slide), Path(out), "skipped" if summary.get("reused") else "done", (summary["width"], summary["height"]),
-        summary["windows_tissue"], summary.get("tiles_per_s"), summary=summary,
-    )
+    return SlideResult.from_summary(slide, out, summary)
 
 
 def fseg_slides(

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from wsiseg.driver import SlideResult, dask_client, run_slides, slide_outputs
+from wsiseg.driver import SlideResult, dask_client, parse_workers_option, run_slides, slide_outputs
 from wsiseg.errors import WsisegError
 from wsiseg.locks import output_lock
 from wsiseg.outputs import check_writable, partial_path, publish, remove
@@ -33,15 +33,7 @@ RESUME_KEYS = ("source", "mpp", "slide_mpp", "width", "height", "tile", "origin"
 # --- executors --------------------------------------------------------------------------------
 def tile_workers(workers: int | str | None) -> int:
     """Writer threads of a local run: a number, or auto/None for min(4, cores)."""
-    if workers is None or workers == "auto":
-        return max(1, min(4, os.cpu_count() or 1))
-    try:
-        count = int(workers)
-    except (TypeError, ValueError):
-        raise WsisegError(f"--workers must be a number or auto, got {workers!r}") from None
-    if count < 0:
-        raise WsisegError(f"--workers must be 0 or more (0 = in this thread), got {count}")
-    return count
+    return parse_workers_option(workers, lambda: max(1, min(4, os.cpu_count() or 1)), "in this thread")
 
 
 def _batches(positions: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
