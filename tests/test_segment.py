@@ -17,7 +17,8 @@ from tests.train_fixtures import save_tiny_vit
 from wsiseg.engine.blend import window_weights
 from wsiseg.engine.loader import partition
 from wsiseg.engine.predictors import BatchRunner, SegmenterPredictor
-from wsiseg.engine.run import run_slide, tissue_regions
+from wsiseg.engine.regions import tissue_regions
+from wsiseg.engine.run import run_slide
 from wsiseg.engine.segment import segment_slide, segment_slides
 from wsiseg.errors import WsisegError
 from wsiseg.slide import open_slide
@@ -344,7 +345,7 @@ def test_cluster_without_gpu_resources(he_png: Path, checkpoint: Path, tmp_path:
 def test_tissue_is_detected_once_per_view(he_png: Path, predictor: SegmenterPredictor, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import wsiseg.slide.tissue
-    from wsiseg.engine.run import open_source
+    from wsiseg.engine.source import open_source
 
     calls = []
     original = wsiseg.slide.tissue.tissue_mask

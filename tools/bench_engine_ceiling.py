@@ -79,9 +79,9 @@ class Meter:
 @contextmanager
 def metered(meter: Meter):  # type: ignore[no-untyped-def]
     """Patch the slide loop's blender, writer and window loop with CPU timers for one run."""
-    from wsiseg.engine import run
+    from wsiseg.engine import run, windows
 
-    class TimedBlender(run.StripeBlender):
+    class TimedBlender(windows.StripeBlender):
         def add(self, score: Any, x: int, y: int) -> None:
             started = time.thread_time()
             super().add(score, x, y)
@@ -92,7 +92,7 @@ def metered(meter: Meter):  # type: ignore[no-untyped-def]
             super().close()
             meter.blend += time.thread_time() - started
 
-    class TimedWriter(run.BackgroundWriter):
+    class TimedWriter(windows.BackgroundWriter):
         def _run(self) -> None:
             started = time.thread_time()
             super()._run()
@@ -105,13 +105,13 @@ def metered(meter: Meter):  # type: ignore[no-untyped-def]
         finally:
             meter.loop += time.process_time() - started
 
-    originals = run.StripeBlender, run.BackgroundWriter, run._predict_windows
-    original_loop = run._predict_windows
-    run.StripeBlender, run.BackgroundWriter, run._predict_windows = TimedBlender, TimedWriter, timed_loop
+    originals = windows.StripeBlender, windows.BackgroundWriter, run.predict_windows
+    original_loop = run.predict_windows
+    windows.StripeBlender, windows.BackgroundWriter, run.predict_windows = TimedBlender, TimedWriter, timed_loop
     try:
         yield meter
     finally:
-        run.StripeBlender, run.BackgroundWriter, run._predict_windows = originals
+        windows.StripeBlender, windows.BackgroundWriter, run.predict_windows = originals
 
 
 def children_cpu() -> float:
@@ -122,7 +122,7 @@ def children_cpu() -> float:
 
 def engine_positions(path: Path, mpp: float) -> list[tuple[int, int]]:
     """The tissue windows `run_slide` visits at `mpp` (its default overlap 0.25)."""
-    from wsiseg.engine.run import open_source
+    from wsiseg.engine.source import open_source
     from wsiseg.slide.grid import Grid
 
     view = open_source(path, mpp)

@@ -303,7 +303,7 @@ def main() -> None:
 
     from bench_tile import make_mosaic
     from wsiseg.engine import loader
-    from wsiseg.engine.run import open_source
+    from wsiseg.engine.source import open_source
     from wsiseg.models.segmenter import build_segmenter
     from wsiseg.samples import cached_sample
     from wsiseg.slide import open_slide

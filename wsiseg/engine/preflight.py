@@ -25,7 +25,7 @@ def check_source(path: str | Path, slide_mpp: float | None = None) -> None:
     path = Path(path)
     if not path.exists():  # before the slide readers are even imported
         raise WsisegError(f"no such slide file: {path}; check the path")
-    from wsiseg.engine.run import is_tile_store
+    from wsiseg.engine.source import is_tile_store
 
     if is_tile_store(path):
         from wsiseg.store.tiles import TileStore

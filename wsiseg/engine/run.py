@@ -10,20 +10,19 @@ where it stopped and produces identical output.
 from __future__ import annotations
 
 import json
-import math
-import queue
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from wsiseg.engine.blend import BLEND_MODES, StripeBlender, StripeSink, window_weights
+from wsiseg.engine.blend import BLEND_MODES, StripeSink
 from wsiseg.engine.loader import parse_workers
-from wsiseg.engine.predictors import BatchRunner, Predictor
+from wsiseg.engine.predictors import Predictor
+from wsiseg.engine.regions import predict_regions, tissue_regions
+from wsiseg.engine.source import SourceView, open_source
+from wsiseg.engine.windows import predict_windows
 from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import check_writable, finish_publish, partial_path, publish_together, remove
@@ -40,73 +39,6 @@ DEFAULT_EXPORTS = ("tiff", "ome-tiff", "png")
 FORMAT_VERSION = 1
 
 
-@dataclass
-class SourceView:
-    """What the loop needs of a slide or tile store, at the segmentation MPP."""
-
-    reader: Any  # read(x, y, w, h, mpp) -> (h, w, 3) uint8
-    path: Path
-    kind: str  # "slide" or "tiles"
-    width: int
-    height: int
-    slide_mpp: float
-    origin: tuple[int, int]
-    tissue_option: Any = "auto"  # --tissue: auto, all or a mask file
-    _tissue: Any = field(default=None, init=False, repr=False, compare=False)
-
-    def tissue(self) -> Any:
-        """The tissue mask (TissueMask) `tissue_option` asks for, made once per view (a tile store's `auto`
-        is the mask it was tiled with)."""
-        if self._tissue is None:
-            from wsiseg.slide.tissue import resolve_source_tissue
-
-            self._tissue = resolve_source_tissue(self.tissue_option, self.reader, self.kind == "tiles")
-        return self._tissue
-
-    def thumbnail(self, max_side: int = 2048) -> np.ndarray | None:
-        """An RGB overview for the overlay: the slide's, also for a tile store whose slide is still there."""
-        from wsiseg.export.overlay import source_picture
-
-        return source_picture(self.reader, max_side)
-
-
-def is_tile_store(path: Path) -> bool:
-    """Whether `path` is a zarr store written by `wsiseg tile`."""
-    path = Path(path)
-    if not (path.is_dir() and (path / "zarr.json").is_file()):
-        return False
-    try:
-        attributes = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
-    return attributes.get("wsiseg", {}).get("kind") == "tiles"
-
-
-def open_source(source: Any, mpp: float, slide_mpp: float | None = None, tissue: Any = "auto") -> SourceView:
-    """A SourceView of a path (slide file or tile store), a Slide, a TileStore or a SourceView, at `mpp`.
-
-    `tissue` is the --tissue option (auto, all or a mask file). A SourceView given keeps its tissue
-    option and mask, which do not depend on `mpp`.
-    """
-    from wsiseg.slide import Slide, open_slide
-    from wsiseg.store.tiles import TileStore
-
-    if isinstance(source, SourceView):
-        view = open_source(source.reader, mpp, slide_mpp, source.tissue_option)
-        view._tissue = source._tissue
-        return view
-    if isinstance(source, (str, Path)):
-        source = TileStore.open(source) if is_tile_store(Path(source)) else open_slide(source, slide_mpp)
-    if isinstance(source, TileStore):
-        width, height = source.size_at(mpp)
-        return SourceView(source, source.path, "tiles", width, height, source.slide_mpp, tuple(source.origin), tissue)
-    if isinstance(source, Slide):
-        width, height = source.size_at(mpp)
-        bounds = source.bounds
-        return SourceView(source, source.path, "slide", width, height, source.mpp, (bounds.x, bounds.y), tissue)
-    raise TypeError(f"cannot segment a {type(source).__name__}: give a slide path, Slide or TileStore")
-
-
 def output_paths(out_dir: Path, exports: Sequence[str]) -> dict[str, Path]:
     """Final paths of every output of a run."""
     from wsiseg.export.mask import FORMATS
@@ -117,36 +49,6 @@ def output_paths(out_dir: Path, exports: Sequence[str]) -> dict[str, Path]:
             raise WsisegError(f"unknown export format {fmt!r}: use any of {', '.join(FORMATS)}")
         paths[fmt] = out_dir / FORMATS[fmt]
     return paths
-
-
-def tissue_regions(tissue: Any, mpp: float, width: int, height: int) -> list[tuple[int, int, int, int]]:
-    """Bounding boxes (x, y, w, h) at `mpp` of the connected tissue regions, top to bottom."""
-    from scipy import ndimage
-
-    labelled, count = ndimage.label(tissue.mask)
-    factor = tissue.mpp / mpp
-    boxes = []
-    for rows, cols in ndimage.find_objects(labelled):
-        x0, y0 = int(math.floor(cols.start * factor)), int(math.floor(rows.start * factor))
-        x1 = min(int(math.ceil(cols.stop * factor)), width)
-        y1 = min(int(math.ceil(rows.stop * factor)), height)
-        if x1 > x0 and y1 > y0:
-            boxes.append((x0, y0, x1 - x0, y1 - y0))
-    return sorted(boxes, key=lambda b: (b[1], b[0]))
-
-
-def resample_rows(scores: np.ndarray, out_height: int, out_width: int, row0: int, row1: int) -> np.ndarray:
-    """Rows row0..row1 of `scores` (K, h, w) bilinearly resized to (out_height, out_width) (half-pixel centres)."""
-
-    def axis(out_size: int, in_size: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        position = np.clip((np.arange(start, stop) + 0.5) * in_size / out_size - 0.5, 0, in_size - 1)
-        low = np.floor(position).astype(np.int64)
-        return low, np.minimum(low + 1, in_size - 1), (position - low).astype(np.float32)
-
-    y0, y1, wy = axis(out_height, scores.shape[1], row0, row1)
-    x0, x1, wx = axis(out_width, scores.shape[2], 0, out_width)
-    rows = scores[:, y0] * (1 - wy)[None, :, None] + scores[:, y1] * wy[None, :, None]
-    return rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -167,37 +69,6 @@ def bound_heap_growth() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     except (OSError, AttributeError):
         return
-
-
-class BackgroundWriter:
-    """Hands finished stripes to `write` in a thread, in order, so the device never waits on disk."""
-
-    def __init__(self, write: Any, depth: int = 4) -> None:
-        self.write = write
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="wsiseg-mask-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.write(*item)
-                except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
-                    self.error = error
-
-    def __call__(self, *item: Any) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
-
-    def close(self) -> None:
-        """Wait until every stripe is written; raise what the writer hit, if anything."""
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
 
 
 def check_tissue(view: SourceView, mask: Any, mpp: float) -> None:
@@ -256,104 +127,6 @@ def finished_run(out_dir: Path, fingerprint: dict[str, Any], overwrite: bool) ->
         f"{out_dir} already exists and holds a finished run with other settings: pass --overwrite to replace it, "
         "or choose another --out"
     )
-
-
-def _predict_windows(
-    view: SourceView,
-    positions: list[tuple[int, int]],
-    store: MaskStore,
-    sink: StripeSink,
-    predictor: Predictor,
-    settings: dict[str, Any],
-    device: Any,
-    workers: int,
-    batch_size: int,
-    advance: Any,
-) -> int:
-    """Windowslide: blend every window from the first one still needed; returns windows run."""
-    from wsiseg.engine.loader import iterate_batches
-
-    window, mpp = settings["window"], settings["mpp"]
-    start_row = store.rows_done
-    first_needed = next((i for i, (_, y) in enumerate(positions) if y + window > start_row), len(positions))
-    first_batch = first_needed // batch_size
-    advance(first_batch * batch_size)
-    writer = BackgroundWriter(sink)
-    blender = StripeBlender(
-        view.width, view.height, window, predictor.num_outputs, window_weights(window, settings["blend"]),
-        writer, background=settings["background"], start_row=start_row, device=device,
-        keep_probabilities=store.probabilities is not None,
-    )
-    runner = BatchRunner(predictor, batch_size)
-    count = 0
-    batches = iterate_batches(view.reader, positions, window, mpp, batch_size, workers, device, first_batch)
-    try:
-        for indices, batch in batches:
-            scores = runner(batch)
-            for index, score in zip(indices, scores):
-                x, y = positions[index]
-                blender.add(score, x, y)
-            count += len(indices)
-            advance(len(indices))
-        blender.close()
-    finally:
-        batches.close()
-        writer.close()
-    return count
-
-
-def _predict_regions(
-    view: SourceView,
-    regions: list[tuple[int, int, int, int]],
-    store: MaskStore,
-    sink: StripeSink,
-    predictor: Predictor,
-    settings: dict[str, Any],
-    device: Any,
-    advance: Any,
-) -> int:
-    """Resize mode: each tissue region resized to the model input, its prediction resized back."""
-    import torch
-    from PIL import Image
-
-    window, mpp = settings["window"], settings["mpp"]
-    runner = BatchRunner(predictor, 1)
-    low_res: list[np.ndarray] = []
-    for x, y, w, h in regions:
-        factor = max(w, h) / window
-        if view.kind == "slide" and factor > 1:
-            read_mpp = mpp * factor
-            rw, rh = min(window, max(1, round(w / factor))), min(window, max(1, round(h / factor)))
-            pixels = view.reader.read(round(x / factor), round(y / factor), rw, rh, read_mpp)
-        else:
-            pixels = view.reader.read(x, y, w, h, mpp)
-            if factor > 1:
-                rw, rh = min(window, max(1, round(w / factor))), min(window, max(1, round(h / factor)))
-                pixels = np.asarray(Image.fromarray(pixels).resize((rw, rh), Image.Resampling.BOX))
-        canvas = np.full((window, window, 3), 255, np.uint8)
-        canvas[: pixels.shape[0], : pixels.shape[1]] = pixels[:window, :window]
-        batch = torch.from_numpy(canvas).to(device).permute(2, 0, 1)[None].float().div_(255.0)
-        scores = runner(batch)[0, :, : pixels.shape[0], : pixels.shape[1]]
-        low_res.append(scores.float().cpu().numpy())
-        advance(1)
-    stripe = store.chunk
-    num_outputs = predictor.num_outputs
-    for row0 in range(store.rows_done, view.height, stripe):
-        row1 = min(row0 + stripe, view.height)
-        total = np.zeros((num_outputs, row1 - row0, view.width), np.float32)
-        weight = np.zeros((row1 - row0, view.width), np.float32)
-        for (x, y, w, h), scores in zip(regions, low_res):
-            top, bottom = max(row0, y), min(row1, y + h)
-            if bottom <= top:
-                continue
-            total[:, top - row0 : bottom - row0, x : x + w] += resample_rows(scores, h, w, top - y, bottom - y)
-            weight[top - row0 : bottom - row0, x : x + w] += 1
-        covered = weight > 0
-        probabilities = total / np.where(covered, weight, 1)[None]
-        labels = np.argmax(probabilities, axis=0)
-        labels[~covered] = settings["background"]
-        sink(row0, labels, probabilities if store.probabilities is not None else None)
-    return len(regions)
 
 
 def check_loop_options(mode: str, blend: str, overlap: float, batch_size: int) -> None:
@@ -463,7 +236,7 @@ def run_slide(
                 total = len(positions)
                 log.info("%d of %d windows hold tissue (%d px, stride %d)", total, len(grid), window, stride)
                 with progress_bar(total, f"segment {view.path.name}", "tiles", disable=not show_progress) as advance:
-                    run_count = _predict_windows(
+                    run_count = predict_windows(
                         view, positions, store, sink, predictor, settings, torch_device, workers, batch_size, advance
                     )
                 grid_total = len(grid)
@@ -472,7 +245,7 @@ def run_slide(
                 total = grid_total = len(regions)
                 log.info("%d tissue regions, each resized to %d px", total, window)
                 with progress_bar(total, f"segment {view.path.name}", "regions", disable=not show_progress) as advance:
-                    run_count = _predict_regions(view, regions, store, sink, predictor, settings, torch_device, advance)
+                    run_count = predict_regions(view, regions, store, sink, predictor, settings, torch_device, advance)
             timings["predict_s"] = time.perf_counter() - tick
 
             tick = time.perf_counter()

@@ -32,7 +32,7 @@ def _paths(slides: str | Path | Sequence[str | Path]) -> list[Path]:
 
 def _open(paths: list[Path], mpp: float, slide_mpp: float | None, tissue: str | Path = "auto") -> list[Any]:
     """Engine source views (slide files or `wsiseg tile` stores) at `mpp`, with the --tissue option."""
-    from wsiseg.engine.run import open_source
+    from wsiseg.engine.source import open_source
 
     views: list[Any] = []
     try:

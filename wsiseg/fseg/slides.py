@@ -57,7 +57,7 @@ def shared_bank(
 def _opens(path: Path, mpp: float | None, slide_mpp: float | None) -> bool:
     """Whether a slide opens at `mpp` (with --skip-errors, a bad slide stays out of the shared fit;
     its own task then reports its error)."""
-    from wsiseg.engine.run import open_source
+    from wsiseg.engine.source import open_source
 
     try:
         view = open_source(path, mpp or DEFAULT_MPP, slide_mpp)
