@@ -50,6 +50,8 @@ class FreePredictor:
 
     The scores are smooth fields (blobs a few tens of pixels wide), so the labels and their
     compression in the mask store cost what they cost with a real model, not what noise costs.
+    It takes the windows as read (uint8: the engine converts nothing for it); with
+    `uint8_input=False` it asks for float windows, as a model does, and the engine converts them.
     """
 
     num_outputs = 4
@@ -57,9 +59,10 @@ class FreePredictor:
     colors = None
     input_multiple = 1
 
-    def __init__(self, window: int, batch_size: int) -> None:
+    def __init__(self, window: int, batch_size: int, uint8_input: bool = True) -> None:
         import torch
 
+        self.uint8_input = uint8_input
         generator = torch.Generator().manual_seed(0)
         coarse = torch.rand(batch_size, 4, window // 64, window // 64, generator=generator)
         fields = torch.nn.functional.interpolate(coarse, size=(window, window), mode="bilinear", align_corners=False)
@@ -159,14 +162,14 @@ def plain_loop(path: Path, boxes: list[tuple[int, int, int, int]], workers: int)
     return time.perf_counter() - started, children_cpu() - cpu
 
 
-def engine_loop(path: Path, mpp: float, workers: int, out: Path) -> dict[str, float]:
+def engine_loop(path: Path, mpp: float, workers: int, out: Path, uint8_input: bool = True) -> dict[str, float]:
     """One `run_slide` with the free predictor: loop seconds, windows, main-process and reader CPU seconds."""
     from wsiseg.engine.run import run_slide
 
     meter = Meter()
     cpu = children_cpu()
     with metered(meter):
-        summary = run_slide(path, FreePredictor(WINDOW, BATCH), out, mpp=mpp, window=WINDOW, batch_size=BATCH,
+        summary = run_slide(path, FreePredictor(WINDOW, BATCH, uint8_input), out, mpp=mpp, window=WINDOW, batch_size=BATCH,
                             device="cpu", workers=workers, overwrite=True, exports=(), show_progress=False)
     return {"seconds": summary["timings"]["predict_s"], "windows": summary["windows_run"], "blend": meter.blend,
             "write": meter.write, "main": meter.loop, "readers": children_cpu() - cpu}
