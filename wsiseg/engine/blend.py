@@ -124,8 +124,9 @@ class StripeBlender:
     """Blend windows arriving in row order into finished row stripes, on any torch device.
 
     The accumulator holds one window's height of rows, as a ring: image row r lives in row
-    r % rows, so finishing rows moves nothing and clears them while they are in the cache. Windows
-    are added with `add` in the order of their top row; `next_row(y)` declares that every later
+    r % rows, so finishing rows moves nothing and clears them while they are in the cache. On the
+    CPU only the columns some window covered are finalised (the rest is background, scores 0, as
+    the reference gives). Windows are added with `add` in the order of their top row; `next_row(y)` declares that every later
     window starts at row y or below, which finalises the rows above y and hands them to `sink`
     (labels, and the normalised scores when `keep_probabilities`); `close()` finalises the rest.
     `start_row` > 0 resumes a run whose rows above it are already written: contributions above it
@@ -160,6 +161,7 @@ class StripeBlender:
         self.weight_sum = torch.zeros((rows, width), dtype=torch.float32, device=device)
         # w * p of one window, reused: no allocation per window
         self._product = torch.empty((num_outputs, *self.weights.shape), dtype=torch.float32, device=device)
+        self._spans: list[tuple[int, int, int]] = []  # (x0, x1, bottom row + 1) of the windows in the accumulator
 
     def _ring(self, y0: int, count: int) -> list[tuple[int, int, int]]:
         """Image rows y0..y0+count-1 (held by the accumulator) as ring slices: (start, stop, rows before it)."""
@@ -186,6 +188,17 @@ class StripeBlender:
             torch.mul(score[:, r0:r1, :w], weights, out=product)
             self.total[:, start:stop, x : x + w].add_(product)
             self.weight_sum[start:stop, x : x + w].add_(weights)
+        self._spans.append((x, x + w, self.top + h))
+
+    def _covered_columns(self) -> list[tuple[int, int]]:
+        """The column ranges (x0, x1) some window in the accumulator covers, merged, left to right."""
+        merged: list[list[int]] = []
+        for x0, x1, _ in sorted(self._spans):
+            if merged and x0 <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], x1)
+            else:
+                merged.append([x0, x1])
+        return [(x0, x1) for x0, x1 in merged]
 
     def next_row(self, y: int) -> None:
         """Every later window starts at row `y` or below: finalise and hand over the rows above it."""
@@ -200,16 +213,19 @@ class StripeBlender:
                 labels, probabilities = self._finalise_device(pieces)
             self.sink(self.top, labels, probabilities)
             self.top += count
+            self._spans = [span for span in self._spans if span[2] > self.top]
 
     def _finalise_cpu(self, pieces: list[tuple[int, int, int]], count: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Labels (and scores) of the ring slices `pieces`, which are cleared for the rows that follow."""
         total, weight_sum = self.total.numpy(), self.weight_sum.numpy()
-        labels = np.empty((count, self.width), label_dtype(total.shape[0]))
-        probabilities = np.empty((total.shape[0], count, self.width), np.float32) if self.keep_probabilities else None
-        for start, stop, before in pieces:
-            part = slice(before, before + stop - start)
-            finalise_numpy(total[:, start:stop], weight_sum[start:stop], self.background,
-                           None if probabilities is None else probabilities[:, part], labels[part], clear=True)
+        labels = np.full((count, self.width), self.background, label_dtype(total.shape[0]))
+        probabilities = np.zeros((total.shape[0], count, self.width), np.float32) if self.keep_probabilities else None
+        for x0, x1 in self._covered_columns():
+            for start, stop, before in pieces:
+                part = slice(before, before + stop - start)
+                finalise_numpy(total[:, start:stop, x0:x1], weight_sum[start:stop, x0:x1], self.background,
+                               None if probabilities is None else probabilities[:, part, x0:x1], labels[part, x0:x1],
+                               clear=True)
         return labels, probabilities
 
     def _finalise_device(self, pieces: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray | None]:
