@@ -22,7 +22,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-PREFETCH_BATCHES = 4  # batches each reader prepares ahead
+PREFETCH_BATCHES = 4  # batches each reader prepares ahead (tools/bench_engine_ceiling.py --parts prefetch)
+PIN_MEMORY = True  # host batches in pinned memory when the device is CUDA (tools/bench_segment_gpu.py: pinned)
 MAX_AUTO_READERS = 8
 
 
@@ -133,7 +134,7 @@ def iterate_batches(
     import torch
 
     device = torch.device(device)
-    pin = device.type == "cuda"
+    pin = PIN_MEMORY and device.type == "cuda"
     batches = partition(len(positions), batch_size)[first_batch:]
     if not batches:
         return
