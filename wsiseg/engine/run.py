@@ -195,9 +195,8 @@ def run_slide(
     """Segment one slide or tile store with `predictor` into `out_dir`; returns the run summary.
 
     `settings` (a `RunSettings`; `options` override its fields by name, e.g. `mpp=2.0, window=256`)
-    must give the MPP and window. `torch_device`: the device `settings.device` names, when the caller
-has resolved it already (to load its model there).
-    Outputs: mask.zarr (always), the exports (mask.tif, mask.ome.tif, overlay.png, mask.geojson)
+    must give the MPP and window. `torch_device`: the device `settings.device` names, when the
+    caller has resolved it already (to load its model there). Outputs: mask.zarr (always), the exports (mask.tif, mask.ome.tif, overlay.png, mask.geojson)
     and summary.json; the log goes to segment.log. A partial run left in `out_dir` by an
     interrupted run with the same settings is resumed. A source without tissue windows is an
     error, never an empty "ok".
@@ -218,13 +217,13 @@ has resolved it already (to load its model there).
             log.info("%s: finished by an earlier run with the same settings (%s): skipped", view.path.name, out_dir)
             return {**finished, "reused": True}
         with log_to_file(out_dir / LOG_NAME):
-            return _segment(run, out_dir)
+            return _produce(run, out_dir)
     finally:
         if isinstance(source, (str, Path)):
             view.reader.close()
 
 
-def _segment(run: SlideRun, out_dir: Path) -> dict[str, Any]:
+def _produce(run: SlideRun, out_dir: Path) -> dict[str, Any]:
     """Tissue, prediction, pyramid, exports and summary of a run that is not finished yet."""
     view, settings = run.view, run.settings
     log.info("segmenting %s (%s) at %g MPP: %dx%d px, %s mode", view.path, view.kind, settings.mpp, view.width,

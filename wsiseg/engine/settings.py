@@ -97,17 +97,16 @@ def build(kind: type[T], base: T | None, options: dict[str, Any]) -> T:
 
 
 def split_options(options: dict[str, Any], *kinds: type) -> list[dict[str, Any]]:
-    """`options` sorted by the dataclass (of `kinds`) having a field of that name; unknown names are
-    a WsisegError listing the valid ones."""
-    parts: list[dict[str, Any]] = [{} for _ in kinds]
+    """`options` sorted by the dataclass (of `kinds`) having a field of that name, the first one
+    where several do; unknown names are a WsisegError listing the valid ones."""
     names = [{field.name for field in dataclasses.fields(kind)} for kind in kinds]
-    for key, value in options.items():
-        index = next((i for i, fields in enumerate(names) if key in fields), None)
-        if index is None:
-            valid = ", ".join(sorted(set().union(*names)))
-            raise WsisegError(f"unknown option {key}: use any of {valid}")
-        parts[index][key] = value
-    return parts
+    unknown = sorted(set(options).difference(*names))
+    if unknown:
+        raise WsisegError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
+                          f"use any of {', '.join(sorted(set().union(*names)))}")
+    return [{key: value for key, value in options.items()
+             if key in fields and not any(key in earlier for earlier in names[:index])}
+            for index, fields in enumerate(names)]
 
 
 def check_positive(name: str, value: float | None) -> None:
