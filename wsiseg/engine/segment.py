@@ -25,6 +25,7 @@ from wsiseg.progress import get_logger
 
 log = get_logger("segment")
 
+
 def _load_config(config: dict[str, Any] | str | Path | None) -> dict[str, Any] | None:
     """The validated training config, or None."""
     if config is None or isinstance(config, dict):
@@ -142,7 +143,9 @@ def segment_slide(
     if predictor is None:
         preflight([slide], model, [Path(out)], settings)
     device = resolve_device(settings.device)
-    return _segment(slide, out, model, settings, predictor or model.load(device), device)
+    if predictor is None:
+        predictor = model.load(device)
+    return _segment(slide, out, model, settings, predictor, device)
 
 
 def _segment(slide: Any, out: str | Path, model: SegmentModel, settings: RunSettings, predictor: Any,
