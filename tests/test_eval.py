@@ -12,6 +12,7 @@ from PIL import Image
 from wsiseg.engine.evaluate import evaluate_mask
 from wsiseg.errors import WsisegError
 from wsiseg.export.geojson import write_geojson
+from wsiseg.slide.grid import Frame
 from wsiseg.store.masks import MaskStore
 
 SLIDE_MPP, MASK_MPP, ORIGIN = 0.5, 2.0, (40, 24)
@@ -25,8 +26,8 @@ def mask(tmp_path: Path) -> tuple[Path, np.ndarray]:
         y, x = rng.integers(0, 110), rng.integers(0, 90)
         labels[y : y + rng.integers(5, 30), x : x + rng.integers(5, 30)] = rng.integers(1, 3)
     path = tmp_path / "mask.zarr"
-    store = MaskStore.create(path, 100, 120, MASK_MPP, ["background", "tumour", "stroma"], slide_mpp=SLIDE_MPP,
-                             origin=ORIGIN, chunk=64)
+    store = MaskStore.create(path, Frame(100, 120, MASK_MPP, SLIDE_MPP, ORIGIN), ["background", "tumour", "stroma"],
+                             chunk=64)
     store.write_rows(0, labels)
     store.finish()
     return path, labels

@@ -120,12 +120,12 @@ def test_png_mask_replaces_detection(cmu, tmp_path):
     mask = np.zeros((297, 222), np.uint8)  # a tenth of the slide size
     mask[:100, :100] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    tissue = load_mask(tmp_path / "mask.png", cmu)
+    tissue = load_mask(tmp_path / "mask.png", cmu.frame())
     assert tissue.mpp == pytest.approx(4.99)
     assert tissue.covers(0, 0, 10, 10, 0.499) and not tissue.covers(1500, 1500, 10, 10, 0.499)
     Image.fromarray(np.zeros((100, 300), np.uint8)).save(tmp_path / "wrong.png")
     with pytest.raises(WsisegError, match="aspect"):
-        load_mask(tmp_path / "wrong.png", cmu)
+        load_mask(tmp_path / "wrong.png", cmu.frame())
 
 
 def test_geojson_polygons_with_holes(cmu, tmp_path):
@@ -135,13 +135,13 @@ def test_geojson_polygons_with_holes(cmu, tmp_path):
         {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [square, hole]}},
     ]}
     (tmp_path / "tissue.geojson").write_text(json.dumps(geojson))
-    tissue = load_mask(tmp_path / "tissue.geojson", cmu)
+    tissue = load_mask(tmp_path / "tissue.geojson", cmu.frame())
     assert tissue.covers(1100, 1100, 10, 10, 0.499)
     assert not tissue.covers(1480, 1480, 40, 40, 0.499)  # inside the hole
     assert not tissue.covers(100, 100, 500, 500, 0.499)
     (tmp_path / "points.geojson").write_text(json.dumps({"type": "Point", "coordinates": [1, 2]}))
     with pytest.raises(WsisegError, match="no Polygon"):
-        load_mask(tmp_path / "points.geojson", cmu)
+        load_mask(tmp_path / "points.geojson", cmu.frame())
 
 
 def test_qc_picture_draws_outline_and_tiles(cmu):
