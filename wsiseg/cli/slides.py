@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 
-
 @click.command("info")
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option("--slide-mpp", type=float, default=None, help="The slide's own MPP, where its metadata lacks it.")
