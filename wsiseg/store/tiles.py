@@ -169,11 +169,6 @@ class TileStore:
     qc_picture = property(lambda self: sidecar(self.path, QC_SUFFIX), doc="The QC picture beside the store.")
 
     @property
-    def frame(self) -> Frame:
-        """Where the stored image's pixels lie on the source slide."""
-        return attrs_frame(self.attrs)
-
-    @property
     def slide_frame(self) -> Frame:
         """The source slide's bounds at its own resolution (level 0)."""
         return Frame.over(self.bounds, self.slide_mpp)
