@@ -30,7 +30,7 @@ from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import check_writable, finish_publish, partial_path, publish_together, remove
 from wsiseg.progress import get_logger, log_to_file, progress_bar
-from wsiseg.slide.grid import Grid
+from wsiseg.slide.grid import Frame, Grid
 from wsiseg.store.masks import MaskStore
 
 log = get_logger("engine")
@@ -238,8 +238,8 @@ def _produce(run: SlideRun, out_dir: Path) -> dict[str, Any]:
     store = MaskStore.resume_or_create(
         partial_path(run.paths["mask"]),
         _fingerprint(view, run.loop_settings, run.predictor),
-        width=view.width, height=view.height, mpp=settings.mpp, class_names=run.predictor.class_names,
-        colors=run.predictor.colors, source=str(view.path.resolve()), slide_mpp=view.slide_mpp, origin=view.origin,
+        Frame(view.width, view.height, settings.mpp, view.slide_mpp, view.origin),
+        class_names=run.predictor.class_names, colors=run.predictor.colors, source=str(view.path.resolve()),
         probabilities=settings.save_probabilities, background=settings.background, chunk=settings.chunk,
     )
     resumed_from = store.rows_done
