@@ -23,11 +23,12 @@ from wsiseg.engine.blend import StripeSink
 from wsiseg.engine.loader import parse_workers
 from wsiseg.engine.predictors import Predictor
 from wsiseg.engine.regions import predict_regions, tissue_regions
-from wsiseg.engine.settings import RunSettings, background_label
+from wsiseg.engine.settings import RunSettings, background_label, check_exports
 from wsiseg.engine.source import SourceView, open_source
 from wsiseg.engine.windows import predict_windows
 from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
+from wsiseg.export.choices import EXPORTS
 from wsiseg.outputs import check_writable, finish_publish, partial_path, publish_together, remove
 from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.slide.grid import Frame, Grid
@@ -42,12 +43,11 @@ FORMAT_VERSION = 1
 
 
 def output_paths(out_dir: Path, exports: Sequence[str]) -> dict[str, Path]:
-    """Final paths of every output of a run (`exports` checked by `RunSettings`)."""
-    from wsiseg.export.mask import FORMATS
-
+    """Final paths of every output of a run."""
+    check_exports(exports)
     paths = {"mask": out_dir / MASK_NAME, "summary": out_dir / SUMMARY_NAME}
     for fmt in exports:
-        paths[fmt] = out_dir / FORMATS[fmt]
+        paths[fmt] = out_dir / EXPORTS.detail(fmt)
     return paths
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from wsiseg.errors import WsisegError
+from wsiseg.export.choices import DEFAULT_EXPORTS, EXPORTS
 
 MODES = ("windowslide", "resize")
-DEFAULT_EXPORTS = ("tiff", "ome-tiff", "png")
 BACKGROUND_NAMES = ("background", "bg", "other", "none")
 
 T = TypeVar("T")
@@ -116,12 +116,10 @@ def check_positive(name: str, value: float | None) -> None:
 
 
 def check_exports(exports: Sequence[str]) -> None:
-    """Every export is a known format."""
-    from wsiseg.export.mask import FORMATS
-
+    """Every export is a registered format."""
     for fmt in exports:
-        if fmt not in FORMATS:
-            raise WsisegError(f"unknown export format {fmt!r}: use any of {', '.join(FORMATS)}")
+        if fmt not in EXPORTS:
+            raise WsisegError(f"unknown export format {fmt!r}: use any of {', '.join(EXPORTS)}")
 
 
 def background_label(class_names: Sequence[str], background: int | str | None = None) -> int:
