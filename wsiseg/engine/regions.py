@@ -9,6 +9,7 @@ import numpy as np
 
 from wsiseg.engine.blend import StripeSink
 from wsiseg.engine.predictors import BatchRunner, Predictor
+from wsiseg.engine.settings import RunSettings
 from wsiseg.engine.source import SourceView
 from wsiseg.store.masks import MaskStore
 
@@ -49,7 +50,7 @@ def predict_regions(
     store: MaskStore,
     sink: StripeSink,
     predictor: Predictor,
-    settings: dict[str, Any],
+    settings: RunSettings,
     device: Any,
     advance: Any,
 ) -> int:
@@ -57,7 +58,7 @@ def predict_regions(
     import torch
     from PIL import Image
 
-    window, mpp = settings["window"], settings["mpp"]
+    window, mpp = settings.window, settings.mpp
     runner = BatchRunner(predictor, 1)
     low_res: list[np.ndarray] = []
     for x, y, w, h in regions:
@@ -92,6 +93,6 @@ def predict_regions(
         covered = weight > 0
         probabilities = total / np.where(covered, weight, 1)[None]
         labels = np.argmax(probabilities, axis=0)
-        labels[~covered] = settings["background"]
+        labels[~covered] = settings.background
         sink(row0, labels, probabilities if store.probabilities is not None else None)
     return len(regions)
