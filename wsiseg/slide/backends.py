@@ -17,39 +17,13 @@ import zarr
 from PIL import Image, UnidentifiedImageError
 
 from wsiseg.errors import WsisegError
+from wsiseg.slide.openslide_pixels import read_rgb
+from wsiseg.slide.rgb import on_white
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # micrometres per unit of TIFF ResolutionUnit (2 = inch, 3 = centimetre)
 RESOLUTION_UNITS = {2: 25400.0, 3: 10000.0}
 OME_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
-
-
-def on_white(rgba: np.ndarray) -> np.ndarray:
-    """Composite straight-alpha RGBA onto white, returning RGB uint8 (a view of `rgba` where it is opaque)."""
-    if opaque(rgba):
-        return rgba[..., :3]
-    alpha = rgba[..., 3:4]
-    a = alpha.astype(np.uint16)
-    rgb = rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a)
-    return ((rgb + 127) // 255).astype(np.uint8)
-
-
-def pillow_on_white(image: Image.Image) -> np.ndarray:
-    """RGB uint8 (h, w, 3) of an RGBA Pillow image composited on white, packed by Pillow when it is opaque.
-
-    Pillow drops the alpha bytes about 7x faster than a numpy copy of the RGB view of an RGBA array.
-    """
-    if np.frombuffer(image.tobytes("raw", "A"), np.uint8).min() == 255:
-        packed = np.frombuffer(bytearray(image.tobytes("raw", "RGB")), np.uint8)
-        return packed.reshape(image.height, image.width, 3)
-    return on_white(np.asarray(image))
-
-
-def opaque(rgba: np.ndarray) -> bool:
-    """Whether every pixel of an RGBA array has alpha 255 (fast on contiguous little-endian arrays)."""
-    if np.little_endian and rgba.flags.c_contiguous and rgba.dtype == np.uint8:
-        return bool(rgba.view(np.uint32).min() >= 0xFF000000)
-    return bool(rgba[..., 3].min() == 255)
 
 
 def paste(source_read: Callable[[int, int, int, int], np.ndarray], level_w: int, level_h: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -160,13 +134,10 @@ class OpenSlideBackend(Backend):
         return round(x * downsample) / downsample - x, round(y * downsample) / downsample - y
 
     def _region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        return pillow_on_white(self._image(level, x, y, w, h))
-
-    def _image(self, level: int, x: int, y: int, w: int, h: int) -> Image.Image:
         downsample = self.level_downsamples[level]
         location = (int(round(x * downsample)), int(round(y * downsample)))
         try:
-            return self.handle.read_region(location, level, (w, h))
+            return read_rgb(self.handle, location, level, (w, h))
         except openslide.OpenSlideError as error:
             raise WsisegError(
                 f"{self.name} is corrupt: reading {w}x{h} at {location} (level {level}) failed ({error}); "
