@@ -14,8 +14,8 @@ from PIL import Image
 from tests.conftest import assert_user_error, run_cli
 from wsiseg.errors import WsisegError
 from wsiseg.slide import Bounds, open_slide
-from wsiseg.slide.backends import ImageBackend
-from wsiseg.slide.reader import take_runs
+from wsiseg.slide.backends import ImageBackend, OpenSlideBackend
+from wsiseg.slide.reader import take_rows_columns
 
 CMU_SIZES = {0.25: (4431, 5922), 0.5: (2216, 2961), 1.0: (1108, 1481), 2.0: (554, 740)}
 
@@ -109,13 +109,81 @@ def test_reads_near_a_level_mpp_take_its_nearest_pixels(samples):
     assert set(skipped) == {1, 2}  # the first window really is rescaled: a column is skipped
 
 
-def test_take_runs_equals_take():
+def reads_of(backend):
+    """Record the boxes `backend.read` is asked for (level, x, y, w, h)."""
+    boxes, read = [], backend.read
+
+    def recorded(*box):
+        boxes.append(box)
+        return read(*box)
+
+    backend.read = recorded
+    return boxes
+
+
+def test_read_near_a_level_mpp_covers_only_the_pixels_it_takes(samples):
+    """On level 0 (no sub-pixel offset) the read box holds just the base pixels taken: no margin column
+    or row, which could cost the decoding of one more tile column or row."""
+    scale = 0.5 / 0.499
+    base = openslide_on_white(samples["cmu_svs"], 0, 0, 2220, 2967)
+    with open_slide(samples["cmu_svs"]) as slide:
+        boxes = reads_of(slide.backend)
+        for x, y in [(700, 900), (1003, 1500), (0, 0)]:
+            rows = np.floor((y + np.arange(512) + 0.5) * scale).astype(int)
+            cols = np.floor((x + np.arange(512) + 0.5) * scale).astype(int)
+            assert np.array_equal(slide.read(x, y, 512, 512, 0.5), base[np.ix_(rows, cols)])
+            assert boxes[-1] == (0, cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1)
+
+
+@pytest.mark.parametrize("pillow", [False, True], ids=["numpy", "pillow-fallback"])
+def test_openslide_reads_equal_plain_read_region(samples, monkeypatch, pillow):
+    """The backend's RGB is OpenSlide's read_region without its alpha, on the real CMU sample, through the
+    numpy path (decoded straight into an array) and through the Pillow fallback."""
+    from wsiseg.slide import openslide_pixels
+
+    if pillow:
+        monkeypatch.setattr(openslide_pixels, "READ_INTO", None)
+    backend = OpenSlideBackend(samples["cmu_svs"])
+    with openslide.OpenSlide(str(samples["cmu_svs"])) as raw:
+        for x, y, w, h in [(700, 900, 512, 512), (0, 0, 37, 512), (2000, 2800, 220, 167), (1234, 17, 1, 1)]:
+            plain = np.asarray(raw.read_region((x, y), 0, (w, h)))
+            assert (plain[..., 3] == 255).all()
+            rgb = backend.read(0, x, y, w, h)
+            assert rgb.shape == (h, w, 3) and rgb.dtype == np.uint8 and rgb.flags.writeable
+            assert np.array_equal(rgb, plain[..., :3])
+    backend.close()
+
+
+def test_translucent_openslide_pixels_are_composited_on_white_as_before(samples, tmp_path):
+    """Where OpenSlide returns translucent pixels (a tiled RGBA TIFF made from the CMU sample's pixels),
+    the numpy path gives read_region's straight RGBA composited on white, exactly as the Pillow path."""
+    from wsiseg.slide.rgb import pillow_on_white
+
+    with openslide.OpenSlide(str(samples["cmu_svs"])) as raw:
+        rgba = np.array(raw.read_region((600, 800), 0, (400, 300)))
+    rgba[100:, :, 3] = np.arange(400) % 256  # opaque on top, every alpha below
+    path = tmp_path / "rgba.tif"
+    tifffile.imwrite(path, rgba, tile=(256, 256), photometric="rgb", extrasamples=["unassalpha"], compression="zlib")
+    backend = OpenSlideBackend(path)
+    with openslide.OpenSlide(str(path)) as raw:
+        for x, y, w, h in [(0, 0, 400, 300), (10, 90, 300, 50), (0, 0, 400, 100)]:
+            region = raw.read_region((x, y), 0, (w, h))
+            assert np.array_equal(backend.read(0, x, y, w, h), pillow_on_white(region))
+        translucent = backend.read(0, 0, 0, 400, 300)
+    assert (translucent[100:, 0] == 255).all()  # alpha 0: white
+    assert np.array_equal(translucent[:100], rgba[:100, :, :3])
+    backend.close()
+
+
+def test_take_rows_columns_equals_take():
     rng = np.random.default_rng(0)
     array = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
-    for indices in (np.arange(3, 40), np.r_[0:10, 9:20, 22:49], rng.integers(0, 50, 30), np.array([7])):
-        for axis in (0, 1):
-            index = np.clip(indices, 0, array.shape[axis] - 1)
-            assert np.array_equal(take_runs(array, index, axis), array.take(index, axis))
+    maps = (np.arange(3, 40), np.r_[0:10, 9:20, 22:49], rng.integers(0, 50, 30), np.array([7]), np.arange(0, 50, 2))
+    for rows in maps:
+        for columns in maps:
+            rows_in, columns_in = np.clip(rows, 0, 39), np.clip(columns, 0, 49)
+            taken = take_rows_columns(array, rows_in, columns_in)
+            assert np.array_equal(taken, array.take(rows_in, 0).take(columns_in, 1))
 
 
 def test_derived_pyramid_opens_with_all_levels_and_mpp(samples):

@@ -78,6 +78,11 @@ class Backend:
         """Where, in level pixels relative to (x, y), a read at (x, y) really starts (sub-pixel)."""
         return 0.0, 0.0
 
+    def on_grid(self, level: int) -> bool:
+        """Whether every read of `level` starts on its pixel grid (`offset` always zero), so that a pixel
+        is the same in every box that holds it."""
+        return True
+
     def close(self) -> None:
         """Release file handles."""
 
@@ -132,6 +137,9 @@ class OpenSlideBackend(Backend):
         downsample = self.level_downsamples[level]
         x, y = max(x, 0), max(y, 0)
         return round(x * downsample) / downsample - x, round(y * downsample) / downsample - y
+
+    def on_grid(self, level: int) -> bool:
+        return float(self.level_downsamples[level]).is_integer()
 
     def _region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         downsample = self.level_downsamples[level]

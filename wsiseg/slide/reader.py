@@ -27,18 +27,32 @@ NEAREST_TOLERANCE = 0.02
 THUMBNAIL_BLOCK = 4096
 
 
-def take_runs(array: np.ndarray, indices: np.ndarray, axis: int) -> np.ndarray:
-    """`array.take(indices, axis)`, by slices when the indices form few consecutive runs (near-identity maps)."""
+MAX_RUNS = 16  # index maps with more consecutive runs than this are gathered by `take` instead of by slices
+
+
+def runs(indices: np.ndarray) -> list[tuple[int, int, int]] | None:
+    """(position in `indices`, first index, length) of each run of consecutive indices; None past MAX_RUNS."""
     breaks = np.flatnonzero(np.diff(indices) != 1) + 1
-    if len(breaks) > 16:
-        return array.take(indices, axis)
+    if len(breaks) > MAX_RUNS:
+        return None
     edges = [0, *breaks.tolist(), len(indices)]
-    index: list[slice] = [slice(None)] * array.ndim
-    pieces = []
-    for start, stop in zip(edges[:-1], edges[1:]):
-        index[axis] = slice(int(indices[start]), int(indices[stop - 1]) + 1)
-        pieces.append(array[tuple(index)])
-    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis)
+    return [(start, int(indices[start]), stop - start) for start, stop in zip(edges[:-1], edges[1:])]
+
+
+def take_rows_columns(array: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """`array[rows][:, columns]`, copied block by block in one pass when both maps are a few runs (near-identity
+    maps); a view when each is a single run."""
+    row_runs, column_runs = runs(rows), runs(columns)
+    if row_runs is None or column_runs is None:
+        return array.take(rows, 0).take(columns, 1)
+    if len(row_runs) == len(column_runs) == 1:
+        (_, row, height), (_, column, width) = row_runs[0], column_runs[0]
+        return array[row : row + height, column : column + width]
+    out = np.empty((len(rows), len(columns), *array.shape[2:]), array.dtype)
+    for at_row, row, height in row_runs:
+        for at_column, column, width in column_runs:
+            out[at_row : at_row + height, at_column : at_column + width] = array[row : row + height, column : column + width]
+    return out
 
 
 class Slide:
@@ -221,14 +235,17 @@ class Slide:
         downsample = backend.level_downsamples[level]
         centres_x = (backend.bounds.x + (x + np.arange(width) + 0.5) * scale) / downsample
         centres_y = (backend.bounds.y + (y + np.arange(height) + 0.5) * scale) / downsample
-        # one pixel of margin each side for the backend's sub-pixel offset
-        lx0, ly0 = int(math.floor(centres_x[0])) - 1, int(math.floor(centres_y[0])) - 1
-        lw, lh = int(math.floor(centres_x[-1])) + 2 - lx0, int(math.floor(centres_y[-1])) + 2 - ly0
+        # one pixel of margin each side for the backend's sub-pixel offset, where it has one (on its grid a
+        # read covers just the pixels taken: a margin column can cost the decoding of a whole tile column)
+        margin = 0 if backend.on_grid(level) else 1
+        lx0, ly0 = int(math.floor(centres_x[0])) - margin, int(math.floor(centres_y[0])) - margin
+        lw = int(math.floor(centres_x[-1])) + 1 + margin - lx0
+        lh = int(math.floor(centres_y[-1])) + 1 + margin - ly0
         dx, dy = backend.offset(level, lx0, ly0)
         patch = backend.read(level, lx0, ly0, lw, lh)
         columns = np.clip(np.floor(centres_x - dx).astype(np.int64) - lx0, 0, lw - 1)
         rows = np.clip(np.floor(centres_y - dy).astype(np.int64) - ly0, 0, lh - 1)
-        return take_runs(take_runs(patch, rows, 0), columns, 1)
+        return take_rows_columns(patch, rows, columns)
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
         """The whole slide (its bounds) as RGB with its longer side `max_side`, read in bounded blocks."""
