@@ -23,6 +23,7 @@ import numpy as np
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import atomic_file
 from wsiseg.slide.grid import Frame
+from wsiseg.store.chunk_files import ChunkFiles
 
 PROGRESS_FILE = "progress.json"
 LABELS_GROUP = "labels"
@@ -123,6 +124,7 @@ class MaskStore:
         self._buffer: list[np.ndarray] = []
         self._prob_buffer: list[np.ndarray] = []
         self._buffered_rows = 0
+        self._chunk_files: ChunkFiles | bool | None = None  # level 0's chunk files where zarr is bypassed (False: never)
         progress = self._read_progress()
         self.rows_done: int = progress["rows_done"]
         self.pixel_counts: list[int] = progress["pixel_counts"]
@@ -284,7 +286,10 @@ class MaskStore:
         self._buffer = [block[rows:]] if block.shape[0] > rows else []
         block = block[:rows]
         y0 = self.rows_done
-        self.level(0)[y0 : y0 + rows] = block
+        if self._chunk_files is None:
+            self._chunk_files = ChunkFiles.of(self.level(0)) or False
+        if not (self._chunk_files and self._chunk_files.write_row(y0, block)):
+            self.level(0)[y0 : y0 + rows] = block
         if self._prob_buffer:
             scores = np.concatenate(self._prob_buffer, axis=1)
             self._prob_buffer = [scores[:, rows:]] if scores.shape[1] > rows else []
