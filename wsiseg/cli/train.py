@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -66,18 +67,18 @@ def train_command(arguments: tuple[str, ...], config_option: Path | None,
 @click.option("--bootstrap", type=int, default=0, show_default=True,
               help="Bootstrap resamples for 95% confidence intervals in metrics.json (0 = none).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-def infer_command(config: Path | None, checkpoint: Path, input_json: Path, output_dir: Path, device: str,
-                  input_size: int | None, mode: str, batch_size: int, overlap: float, blend: str, split: str,
-                  bootstrap: int, overwrite: bool) -> None:
+def infer_command(**options: Any) -> None:
     """Segment the images of a dataset JSON split with a trained checkpoint."""
+    from wsiseg.engine.image import ImageInference
     from wsiseg.metrics import format_metrics
     from wsiseg.progress import setup_console_logging
     from wsiseg.train.infer import infer_images
 
+    inference = ImageInference(mode=options.pop("mode"), size=options.pop("input_size"),
+                               overlap=options.pop("overlap"), blend=options.pop("blend"),
+                               batch_size=options.pop("batch_size"))
     setup_console_logging()
-    summary = infer_images(config, checkpoint, input_json, output_dir, device=device, input_size=input_size,
-                           mode=mode, batch_size=batch_size, overlap=overlap, blend=blend, split=split,
-                           overwrite=overwrite, bootstrap=bootstrap)
+    summary = infer_images(inference=inference, **options)
     line = f"{summary['images']} images in {summary['seconds']:.1f} s -> {summary['output_dir']}"
     if summary["metrics"]:
         line += " | " + format_metrics(summary["metrics"], ("mdice", "dice_no_bg", "dice_foreground", "miou", "pixel_acc"))
