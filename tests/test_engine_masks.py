@@ -9,6 +9,7 @@ import numpy as np
 import zarr
 
 from tests.ome_zarr_check import validate
+from wsiseg.slide.grid import Frame
 from wsiseg.store.masks import PROGRESS_FILE, MaskStore, class_counts, level_shapes, mode_downsample
 
 
@@ -33,8 +34,8 @@ def test_mode_downsample_matches_brute_force() -> None:
 
 def _create(path: Path, params: dict, height: int = 300, width: int = 170) -> MaskStore:
     return MaskStore.resume_or_create(
-        path, params, width=width, height=height, mpp=2.0, class_names=["background", "tumour", "stroma"],
-        source="/slides/a.svs", slide_mpp=0.5, origin=(10, 20), probabilities=True, chunk=64,
+        path, params, Frame(width, height, 2.0, 0.5, (10, 20)), class_names=["background", "tumour", "stroma"],
+        source="/slides/a.svs", probabilities=True, chunk=64,
     )
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from wsiseg.engine.evaluate import evaluate_mask
 from wsiseg.errors import WsisegError
 from wsiseg.export.geojson import write_geojson
+from wsiseg.slide.grid import Frame
 from wsiseg.store.masks import MaskStore
 
 SLIDE_MPP, MASK_MPP, ORIGIN = 0.5, 2.0, (40, 24)
@@ -25,8 +26,8 @@ def mask(tmp_path: Path) -> tuple[Path, np.ndarray]:
         y, x = rng.integers(0, 110), rng.integers(0, 90)
         labels[y : y + rng.integers(5, 30), x : x + rng.integers(5, 30)] = rng.integers(1, 3)
     path = tmp_path / "mask.zarr"
-    store = MaskStore.create(path, 100, 120, MASK_MPP, ["background", "tumour", "stroma"], slide_mpp=SLIDE_MPP,
-                             origin=ORIGIN, chunk=64)
+    store = MaskStore.create(path, Frame(100, 120, MASK_MPP, SLIDE_MPP, ORIGIN), ["background", "tumour", "stroma"],
+                             chunk=64)
     store.write_rows(0, labels)
     store.finish()
     return path, labels
@@ -151,3 +152,21 @@ def test_malformed_annotation_files(mask: tuple[Path, np.ndarray], tmp_path: Pat
         "geometry": {"type": "Polygon", "coordinates": [[[50, 30], [90, 30], [90, 70], [50, 30]]]}}]}))
     with pytest.raises(WsisegError, match=r"class 300 in big\.geojson.*0\.\.2"):
         evaluate_mask(path, big)
+
+
+def test_geojson_on_a_coarser_level_of_an_odd_sized_mask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Level L pixels are 2^L mask pixels wide (the pyramid halves rounding up, the traced polygons say so)."""
+    import wsiseg.engine.evaluate as evaluate
+
+    rng = np.random.default_rng(7)
+    labels = np.kron(rng.integers(0, 3, (66, 76)), np.ones((4, 4), np.int64))[:261, :301].astype(np.uint8)
+    path = tmp_path / "odd.zarr"
+    store = MaskStore.create(path, Frame(301, 261, MASK_MPP, SLIDE_MPP, ORIGIN), ["background", "tumour", "stroma"])
+    store.write_rows(0, labels)
+    store.finish()
+    assert [store.level(i).shape for i in range(store.num_levels)] == [(261, 301), (131, 151), (66, 76)]
+    geojson = write_geojson(store, tmp_path / "level2.geojson", level=2)
+    monkeypatch.setattr(evaluate, "MAX_RASTER_PIXELS", 66 * 76)  # too few for level 1: the GeoJSON is read at level 2
+    result = evaluate_mask(path, geojson)
+    coarse = np.asarray(store.level(2)[:])
+    assert result["metrics"]["pixel_acc"] == 1.0 and result["metrics"]["pixels"] == int((coarse > 0).sum())

@@ -14,6 +14,7 @@ from shapely.geometry import shape
 from wsiseg.errors import WsisegError
 from wsiseg.export.geojson import absorb_small_regions, coverage_faces
 from wsiseg.export.mask import export_mask
+from wsiseg.slide.grid import Frame
 from wsiseg.store.masks import MaskStore
 
 
@@ -28,8 +29,8 @@ def _labels() -> np.ndarray:
 
 
 def _store(path: Path, labels: np.ndarray) -> MaskStore:
-    store = MaskStore.create(path, labels.shape[1], labels.shape[0], mpp=2.0, class_names=["bg", "tumour", "stroma"],
-                             slide_mpp=0.5, origin=(100, 50), chunk=32)
+    store = MaskStore.create(path, Frame(labels.shape[1], labels.shape[0], 2.0, 0.5, (100, 50)),
+                             class_names=["bg", "tumour", "stroma"], chunk=32)
     store.write_rows(0, labels)
     store.finish()
     return store
@@ -49,9 +50,8 @@ def _blobby(height: int, width: int, seed: int) -> np.ndarray:
 
 
 def _blobby_store(path: Path, labels: np.ndarray) -> MaskStore:
-    store = MaskStore.create(path, labels.shape[1], labels.shape[0], mpp=1.0,
-                             class_names=["bg", "tumour", "stroma", "fat", "nuclei"],
-                             slide_mpp=0.25, origin=(1000, 2000), chunk=64)
+    store = MaskStore.create(path, Frame(labels.shape[1], labels.shape[0], 1.0, 0.25, (1000, 2000)),
+                             class_names=["bg", "tumour", "stroma", "fat", "nuclei"], chunk=64)
     store.write_rows(0, labels)
     store.finish()
     return store

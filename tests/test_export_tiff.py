@@ -77,10 +77,11 @@ def _blobs(height: int, width: int, classes: int, seed: int) -> np.ndarray:
 
 
 def _mask_store(path, labels: np.ndarray, background: int = 0):
+    from wsiseg.slide.grid import Frame
     from wsiseg.store.masks import MaskStore
 
     names = [f"class{i}" for i in range(int(labels.max()) + 1)]
-    store = MaskStore.create(path, labels.shape[1], labels.shape[0], mpp=0.5, class_names=names, chunk=128,
+    store = MaskStore.create(path, Frame(labels.shape[1], labels.shape[0], 0.5, 0.5), class_names=names, chunk=128,
                              background=background)
     store.write_rows(0, labels)
     store.finish()

@@ -45,12 +45,13 @@ def test_documents_of_every_shape(tmp_path: Path) -> None:
 
 def test_eval_reads_a_geometry_collection(tmp_path: Path) -> None:
     from wsiseg.engine.evaluate import IGNORE, geojson_pair
+    from wsiseg.slide.grid import Frame
     from wsiseg.store.masks import MaskStore
 
     labels = np.zeros((40, 50), np.uint8)
     labels[:10, :10] = 1
     labels[:10, 20:30] = 1
-    store = MaskStore.create(tmp_path / "mask.zarr", 50, 40, mpp=1.0, class_names=["bg", "tumour"])
+    store = MaskStore.create(tmp_path / "mask.zarr", Frame(50, 40, 1.0, 1.0), class_names=["bg", "tumour"])
     store.write_rows(0, labels)
     store.finish()
     collection = {"type": "GeometryCollection", "geometries": [

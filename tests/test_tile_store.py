@@ -18,7 +18,7 @@ from wsiseg.outputs import TEMPORARY_GLOB, partial_path, temporary_sibling
 from wsiseg.slide import open_slide
 from wsiseg.store.masks import level_shapes
 from wsiseg.store.tiles import TileStore
-from wsiseg.store.tiling import tile_slide, tile_slides
+from wsiseg.store.tiling import TileSettings, tile_slide, tile_slides
 
 
 def small_mask(tmp_path, x0=800, y0=1200, size=600):
@@ -229,6 +229,15 @@ def test_negative_workers_is_a_user_error(samples, tmp_path):
         tile_slide(samples["cmu_svs"], **options)
     with pytest.raises(WsisegError, match="--workers must be 0 or more"):
         tile_slides([samples["cmu_svs"]], **options)
+    small, misspelt = {**options, "workers": 0, "tile": 8}, {**options, "workers": 0, "tiles": 64}
+    with pytest.raises(WsisegError, match="--tile must be at least 16"):
+        tile_slide(samples["cmu_svs"], **small)
+    with pytest.raises(WsisegError, match="--tile must be at least 16"):  # checked for several slides too
+        tile_slides([samples["cmu_svs"]], **small)
+    with pytest.raises(TypeError, match="unknown tiling options: tiles"):
+        tile_slides([samples["cmu_svs"]], **misspelt)
+    settings = TileSettings.of(tile=64, workers=0, tissue_mask_path=None)
+    assert settings == TileSettings(tile=64, workers=0) and TileSettings.of(settings, tissue="all").tissue == "all"
     assert list(tmp_path.iterdir()) == []
 
 

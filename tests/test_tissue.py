@@ -12,7 +12,8 @@ from skimage import color
 from wsiseg.errors import WsisegError
 from wsiseg.slide import open_slide
 from wsiseg.slide.tissue import (
-    TissueSettings, check_tissue_option, detect_tissue, load_mask, qc_picture, resolve_tissue, tissue_mask,
+    TissueSettings, check_tissue_option, detect_tissue, load_mask, qc_picture, resolve_source_tissue, resolve_tissue,
+    tissue_mask,
 )
 
 
@@ -120,12 +121,12 @@ def test_png_mask_replaces_detection(cmu, tmp_path):
     mask = np.zeros((297, 222), np.uint8)  # a tenth of the slide size
     mask[:100, :100] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    tissue = load_mask(tmp_path / "mask.png", cmu)
+    tissue = load_mask(tmp_path / "mask.png", cmu.frame())
     assert tissue.mpp == pytest.approx(4.99)
     assert tissue.covers(0, 0, 10, 10, 0.499) and not tissue.covers(1500, 1500, 10, 10, 0.499)
     Image.fromarray(np.zeros((100, 300), np.uint8)).save(tmp_path / "wrong.png")
     with pytest.raises(WsisegError, match="aspect"):
-        load_mask(tmp_path / "wrong.png", cmu)
+        load_mask(tmp_path / "wrong.png", cmu.frame())
 
 
 def test_geojson_polygons_with_holes(cmu, tmp_path):
@@ -135,13 +136,27 @@ def test_geojson_polygons_with_holes(cmu, tmp_path):
         {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [square, hole]}},
     ]}
     (tmp_path / "tissue.geojson").write_text(json.dumps(geojson))
-    tissue = load_mask(tmp_path / "tissue.geojson", cmu)
+    tissue = load_mask(tmp_path / "tissue.geojson", cmu.frame())
     assert tissue.covers(1100, 1100, 10, 10, 0.499)
     assert not tissue.covers(1480, 1480, 40, 40, 0.499)  # inside the hole
     assert not tissue.covers(100, 100, 500, 500, 0.499)
     (tmp_path / "points.geojson").write_text(json.dumps({"type": "Point", "coordinates": [1, 2]}))
     with pytest.raises(WsisegError, match="no Polygon"):
-        load_mask(tmp_path / "points.geojson", cmu)
+        load_mask(tmp_path / "points.geojson", cmu.frame())
+
+
+def test_a_tile_store_reads_masks_over_its_slide(cmu, samples, tmp_path):
+    from wsiseg.store.tiling import tile_slide
+
+    store = tile_slide(samples["cmu_svs"], tmp_path / "cmu.zarr", 8.0, tile=64, workers=0, progress=False)
+    assert store.slide_frame == cmu.frame()
+    square = [[1000, 1000], [2000, 1000], [2000, 2000], [1000, 2000], [1000, 1000]]
+    (tmp_path / "tissue.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": [square]}))
+    for option in ("all", tmp_path / "tissue.geojson"):
+        from_store, from_slide = resolve_source_tissue(option, store, True), resolve_source_tissue(option, cmu, False)
+        assert from_store.mpp == from_slide.mpp and np.array_equal(from_store.mask, from_slide.mask)
+        assert from_store.fraction == (1.0 if option == "all" else pytest.approx(1000 * 1000 / (2220 * 2967), rel=0.05))
+    assert np.array_equal(resolve_source_tissue("auto", store, True).mask, store.tissue.mask)
 
 
 def test_qc_picture_draws_outline_and_tiles(cmu):

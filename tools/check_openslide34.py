@@ -126,11 +126,12 @@ def check(openslide: SystemOpenSlide, path: Path, reads: int, rng: np.random.Gen
 def synthetic_exports(folder: Path) -> list[Path]:
     """A 1500 x 1100 label mask (5 classes, blocks and specks) exported as every TIFF flavour."""
     from wsiseg.export.mask import export_mask
+    from wsiseg.slide.grid import Frame
     from wsiseg.store.masks import MaskStore
 
     rng = np.random.default_rng(0)
     labels = np.kron(rng.integers(0, 5, (1500 // 5, 1100 // 5)), np.ones((5, 5), np.int64)).astype(np.uint8)
-    store = MaskStore.create(folder / "mask.zarr", 1100, 1500, mpp=0.5, class_names=[f"c{i}" for i in range(5)])
+    store = MaskStore.create(folder / "mask.zarr", Frame(1100, 1500, 0.5, 0.5), class_names=[f"c{i}" for i in range(5)])
     store.write_rows(0, labels)
     store.finish()
     return [export_mask(folder / "mask.zarr", fmt) for fmt in ("tiff", "palette-tiff")]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
-
-from wsiseg.errors import WsisegError
 
 
 @click.command("info")
@@ -62,34 +61,21 @@ def info_command(slide: Path, slide_mpp: float | None, as_json: bool) -> None:
               help="Drop tissue pieces smaller than this many square micrometres, unless they hold nuclei.")
 @click.option("--skip-errors", is_flag=True, help="Go on past slides that fail, and report them at the end.")
 @click.option("--overwrite", is_flag=True, help="Replace existing stores.")
-def tile_command(
-    slides: tuple[Path, ...],
-    mpp: float,
-    out: Path,
-    slide_mpp: float | None,
-    tile: int,
-    workers: str,
-    scheduler: str | None,
-    tissue: str,
-    tissue_mask: Path | None,
-    tissue_threshold: float | None,
-    min_tissue_area: float,
-    skip_errors: bool,
-    overwrite: bool,
-) -> None:
+def tile_command(slides: tuple[Path, ...], **options: Any) -> None:
     """Detect tissue on SLIDES and write their tissue tiles at --mpp into zarr stores (resumable)."""
     from wsiseg.progress import setup_console_logging
     from wsiseg.slide.mask import check_tissue_option
 
-    check_tissue_option(tissue_mask or tissue)  # before dask and the imaging libraries load
+    mask_file, tissue = options.pop("tissue_mask"), options.pop("tissue")
+    tissue = mask_file if mask_file is not None else tissue
+    check_tissue_option(tissue)  # before dask and the imaging libraries load
     from wsiseg.driver import check_results, summary_table
     from wsiseg.store.tiling import tile_slides
 
     setup_console_logging()
+    detection = {"threshold": options.pop("tissue_threshold"), "min_area_um2": options.pop("min_tissue_area")}
     results = tile_slides(
-        slides, out, mpp, slide_mpp=slide_mpp, tile=tile, workers=workers, scheduler=scheduler,
-        overwrite=overwrite, skip_errors=skip_errors, tissue=tissue, tissue_mask_path=tissue_mask,
-        tissue_options={"threshold": tissue_threshold, "min_area_um2": min_tissue_area},
+        slides, options.pop("out"), options.pop("mpp"), tissue=tissue, tissue_options=detection, **options
     )
     click.echo(summary_table(results, "tiles"))
     check_results(results)

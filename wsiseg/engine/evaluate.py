@@ -21,18 +21,12 @@ import numpy as np
 
 from wsiseg.errors import WsisegError
 from wsiseg.polygons import geometry_polygons, load_features
+from wsiseg.slide.grid import Frame
 from wsiseg.store.masks import MaskStore
 
 IGNORE = 255
 TILE_INDEX = "tiles.json"
 MAX_RASTER_PIXELS = 25_000_000
-
-
-def _slide_to_mask(store: MaskStore, level: int) -> tuple[float, float, float]:
-    """(scale, origin x, origin y): mask-level pixels = (slide px - origin) * scale."""
-    level_mpp = store.mpp * store.width / store.level(level).shape[1]
-    slide_mpp = store.slide_mpp or store.mpp
-    return slide_mpp / level_mpp, float(store.origin[0]), float(store.origin[1])
 
 
 def _inside(store: MaskStore, level: int, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -81,7 +75,7 @@ def tile_pairs(store: MaskStore, folder: Path) -> list[tuple[np.ndarray, np.ndar
     """(prediction, annotation) label arrays of every annotated tile of a folder."""
     from PIL import Image
 
-    scale, ox, oy = _slide_to_mask(store, 0)
+    mask = store.frame
     pairs = []
     for entry in _tile_entries(folder):
         missing = [key for key in ("x", "y", "mpp") if key not in entry]
@@ -93,10 +87,9 @@ def tile_pairs(store: MaskStore, folder: Path) -> list[tuple[np.ndarray, np.ndar
         if target.ndim != 2:
             raise WsisegError(f"{Path(entry['mask']).name} is not a single-channel label PNG: save labels as L or P mode")
         height, width = target.shape
+        tile = Frame(width, height, float(entry["mpp"]), mask.slide_mpp, (float(entry["x"]), float(entry["y"])))
         # annotation pixel centre -> slide level-0 px -> mask px
-        slide_step = float(entry["mpp"]) / (store.slide_mpp or store.mpp)
-        xs = (float(entry["x"]) + (np.arange(width) + 0.5) * slide_step - ox) * scale
-        ys = (float(entry["y"]) + (np.arange(height) + 0.5) * slide_step - oy) * scale
+        xs, ys = mask.from_slide(*tile.to_slide(np.arange(width) + 0.5, np.arange(height) + 0.5))
         prediction, inside = _sample(store, 0, xs, ys)
         pairs.append((prediction, np.where(inside, target, IGNORE).astype(np.uint8)))
     return pairs
@@ -144,9 +137,9 @@ def geojson_pair(store: MaskStore, path: Path) -> tuple[np.ndarray, np.ndarray]:
     points = np.concatenate([np.asarray(rings[0], dtype=np.float64) for _, rings in shapes])
     level = 0
     while True:
-        scale, ox, oy = _slide_to_mask(store, level)
-        x0, y0 = np.floor((points.min(axis=0) - (ox, oy)) * scale).astype(int)
-        x1, y1 = np.ceil((points.max(axis=0) - (ox, oy)) * scale).astype(int)
+        frame = store.frame.level(level)
+        x0, y0 = np.floor(frame.from_slide(*points.min(axis=0))).astype(int)
+        x1, y1 = np.ceil(frame.from_slide(*points.max(axis=0))).astype(int)
         if (x1 - x0) * (y1 - y0) <= MAX_RASTER_PIXELS or level == store.num_levels - 1:
             break
         level += 1
@@ -154,9 +147,10 @@ def geojson_pair(store: MaskStore, path: Path) -> tuple[np.ndarray, np.ndarray]:
     target = np.full((height, width), IGNORE, np.uint8)
     for label, rings in shapes:
         for index, ring in enumerate(rings):
-            ring = (np.asarray(ring, dtype=np.float64) - (ox, oy)) * scale - (x0, y0)
+            vertices = np.asarray(ring, dtype=np.float64)
+            cols, rows = frame.from_slide(vertices[:, 0], vertices[:, 1])
             # pixel (r, c) is inside when its centre (c + 0.5, r + 0.5) is
-            rr, cc = fill_polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, shape=target.shape)
+            rr, cc = fill_polygon(rows - y0 - 0.5, cols - x0 - 0.5, shape=target.shape)
             target[rr, cc] = label if index == 0 else IGNORE
     prediction = store.read(int(x0), int(y0), width, height, level)
     inside = _inside(store, level, np.arange(x0, x0 + width), np.arange(y0, y0 + height))

@@ -27,6 +27,7 @@ from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import check_writable, finish_publish, partial_path, publish_together, remove
 from wsiseg.progress import get_logger, log_to_file, progress_bar
+from wsiseg.slide.grid import Frame
 from wsiseg.store.masks import MaskStore
 
 log = get_logger("engine")
@@ -218,8 +219,8 @@ def run_slide(
             store = MaskStore.resume_or_create(
                 partial_path(paths["mask"]),
                 _fingerprint(view, settings, predictor),
-                width=view.width, height=view.height, mpp=mpp, class_names=predictor.class_names,
-                colors=predictor.colors, source=str(view.path.resolve()), slide_mpp=view.slide_mpp, origin=view.origin,
+                Frame(view.width, view.height, mpp, view.slide_mpp, view.origin), class_names=predictor.class_names,
+                colors=predictor.colors, source=str(view.path.resolve()),
                 probabilities=save_probabilities, background=background, chunk=chunk,
             )
             resumed_from = store.rows_done

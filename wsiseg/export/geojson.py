@@ -134,11 +134,6 @@ def absorb_small_regions(labels: np.ndarray, min_pixels: float, passes: int = 4)
     return labels
 
 
-def level_mpp(store: MaskStore, level: int) -> float:
-    """Micrometres per pixel of a pyramid level (exactly 2^level times the mask's)."""
-    return store.mpp * 2**level
-
-
 def mask_to_features(
     store: MaskStore,
     level: int | None = None,
@@ -160,7 +155,8 @@ def mask_to_features(
         raise WsisegError(f"--level {level} is not a level of {store.path.name}: use 0..{store.num_levels - 1}")
     if simplify < 0 or min_area < 0:
         raise WsisegError("--simplify and --min-area must be 0 or more")
-    pixel_um = level_mpp(store, level)
+    frame = store.frame.level(level)
+    pixel_um = frame.mpp
     raster = store.level(level)
     if min_area > 0:
         raster = absorb_small_regions(raster[...], min_area / pixel_um**2)
@@ -170,9 +166,8 @@ def mask_to_features(
     keep = labels != store.background
     faces, labels = faces[keep], labels[keep]
     areas_um2 = shapely.area(faces) * pixel_um**2
-    scale = 2**level * store.mpp / (store.slide_mpp or store.mpp)
-    origin = np.asarray(store.origin, np.float64)
-    faces = shapely.transform(faces, lambda xy: np.round(xy * scale + origin, COORDINATE_DECIMALS))
+    faces = shapely.transform(faces, lambda xy: np.round(np.stack(frame.to_slide(xy[:, 0], xy[:, 1]), axis=1),
+                                                         COORDINATE_DECIMALS))
     faces = shapely.orient_polygons(faces)  # exterior rings counter-clockwise (RFC 7946)
     features = []
     for face, label, area in zip(faces, labels, areas_um2):

@@ -11,6 +11,7 @@ from PIL import Image
 
 from wsiseg.errors import WsisegError
 from wsiseg.slide.backends import Backend, Bounds, open_backend
+from wsiseg.slide.grid import Frame, snap
 
 # Reading finer than the slide's own resolution upsamples; beyond this factor we refuse (likely a wrong MPP).
 MAX_UPSAMPLE = 4.0
@@ -38,11 +39,6 @@ def take_runs(array: np.ndarray, indices: np.ndarray, axis: int) -> np.ndarray:
         index[axis] = slice(int(indices[start]), int(indices[stop - 1]) + 1)
         pieces.append(array[tuple(index)])
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis)
-
-
-def snap(value: float) -> int:
-    """Round half up (never banker's rounding), so every size on the integer grid is reproducible."""
-    return int(math.floor(value + 0.5))
 
 
 class Slide:
@@ -157,10 +153,15 @@ class Slide:
             )
         return scale
 
+    def frame(self, mpp: float | None = None) -> Frame:
+        """The image of the slide's bounds at `mpp` (default: level 0), checking that `mpp` is usable."""
+        if mpp is not None:
+            self.scale_for(mpp)
+        return Frame.over(self.bounds, self.mpp, mpp)
+
     def size_at(self, mpp: float) -> tuple[int, int]:
         """(width, height) of the whole slide (its bounds) at `mpp`: round(size * mpp0 / mpp)."""
-        scale = self.scale_for(mpp)
-        return snap(self.bounds.width / scale), snap(self.bounds.height / scale)
+        return self.frame(mpp).size
 
     def best_level(self, scale: float) -> int:
         """The coarsest level that is (within LEVEL_TOLERANCE) at least as fine as `scale` level-0 px per pixel."""

@@ -14,8 +14,9 @@ from skimage import color, draw, filters, morphology, segmentation
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import atomic_file
 from wsiseg.polygons import geometry_polygons, load_features
+from wsiseg.slide.grid import Frame, snap
 from wsiseg.slide.mask import TissueMask, check_tissue_option
-from wsiseg.slide.reader import Slide, snap
+from wsiseg.slide.reader import Slide
 
 __all__ = [
     "TissueMask", "TissueSettings", "check_tissue_option", "detect_tissue", "load_mask", "qc_picture", "resolve_tissue",
@@ -148,57 +149,60 @@ def _keep_tissue_pieces(
     return keep[labels]
 
 
-def mask_mpp_for(slide: Slide, mask_mpp: float | None = None) -> float:
-    """The resolution tissue is detected at: MASK_MPP (or `mask_mpp`), finer for small images (a mask of
-    at least MASK_MIN_SIDE pixels, never finer than the image), coarser beyond MASK_MAX_SIDE pixels."""
-    bounds = slide.bounds
-    longest = max(bounds.width, bounds.height) * slide.mpp
+def mask_mpp_for(slide: Frame, mask_mpp: float | None = None) -> float:
+    """The resolution tissue is detected at on a slide (its level-0 frame): MASK_MPP (or `mask_mpp`), finer for
+    small images (a mask of at least MASK_MIN_SIDE pixels, never finer than the image), coarser beyond
+    MASK_MAX_SIDE pixels."""
+    longest = max(slide.width, slide.height) * slide.slide_mpp
     wanted = mask_mpp if mask_mpp is not None else min(MASK_MPP, longest / MASK_MIN_SIDE)
-    return max(wanted, slide.mpp, longest / MASK_MAX_SIDE)
+    return max(wanted, slide.slide_mpp, longest / MASK_MAX_SIDE)
+
+
+def _mask_frame(slide: Frame, mask_mpp: float | None = None) -> Frame:
+    """The frame of a tissue mask over the slide of level-0 frame `slide` (at least one pixel a side)."""
+    frame = slide.at(mask_mpp_for(slide, mask_mpp))
+    return Frame(max(1, frame.width), max(1, frame.height), frame.mpp, frame.slide_mpp, frame.origin)
 
 
 def tissue_mask(slide: Slide, mask_mpp: float | None = None, settings: TissueSettings | None = None) -> TissueMask:
     """Detect tissue on a thumbnail of `slide` (see `detect_tissue`)."""
-    mpp = mask_mpp_for(slide, mask_mpp)
-    thumbnail = slide.read_whole(mpp / slide.mpp)
-    return TissueMask(detect_tissue(thumbnail, mpp, settings), mpp)
+    base = slide.frame()
+    frame = base.at(mask_mpp_for(base, mask_mpp))
+    thumbnail = slide.read_whole(frame.scale)
+    return TissueMask(detect_tissue(thumbnail, frame.mpp, settings), frame.mpp)
 
 
-def _mask_from_png(path: Path, slide: Slide) -> TissueMask:
+def _mask_from_png(path: Path, slide: Frame) -> TissueMask:
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("L"))
     rows, cols = pixels.shape
-    bounds = slide.bounds
-    if abs(cols / rows - bounds.width / bounds.height) > 0.02 * bounds.width / bounds.height:
+    if abs(cols / rows - slide.width / slide.height) > 0.02 * slide.width / slide.height:
         raise WsisegError(
-            f"mask {path.name} is {cols}x{rows} but the slide is {bounds.width}x{bounds.height}: "
+            f"mask {path.name} is {cols}x{rows} but the slide is {slide.width}x{slide.height}: "
             "a PNG mask must cover the whole slide with the same aspect ratio"
         )
-    return TissueMask(pixels > 0, slide.mpp * bounds.width / cols)
+    return TissueMask(pixels > 0, slide.slide_mpp * slide.width / cols)
 
 
-def _mask_from_geojson(path: Path, slide: Slide, mask_mpp: float | None) -> TissueMask:
+def _mask_from_geojson(path: Path, slide: Frame, mask_mpp: float | None) -> TissueMask:
     polygons = [polygon for feature in load_features(path, "fix or re-export it") for polygon in geometry_polygons(feature)]
     if not polygons:
         raise WsisegError(f"mask {path.name} holds no Polygon or MultiPolygon: draw the tissue regions as polygons")
-    mpp = mask_mpp_for(slide, mask_mpp)
-    bounds = slide.bounds
-    scale = mpp / slide.mpp  # level-0 pixels per mask pixel
-    shape = (max(1, snap(bounds.height / scale)), max(1, snap(bounds.width / scale)))
+    frame = _mask_frame(slide, mask_mpp)
+    shape = (frame.height, frame.width)
     mask = np.zeros(shape, bool)
     for polygon in polygons:
         for index, ring in enumerate(polygon):
             points = np.asarray(ring, dtype=float)[:, :2]
-            cols = (points[:, 0] - bounds.x) / scale
-            rows = (points[:, 1] - bounds.y) / scale
+            cols, rows = frame.from_slide(points[:, 0], points[:, 1])
             rr, cc = draw.polygon(rows, cols, shape=shape)
             mask[rr, cc] = index == 0
-    return TissueMask(mask, mpp)
+    return TissueMask(mask, frame.mpp)
 
 
-def load_mask(path: str | Path, slide: Slide, mask_mpp: float | None = None) -> TissueMask:
-    """A user-supplied tissue mask: a PNG over the whole slide (non-zero = tissue) or GeoJSON polygons
-    in level-0 pixel coordinates of the slide file."""
+def load_mask(path: str | Path, slide: Frame, mask_mpp: float | None = None) -> TissueMask:
+    """A user-supplied tissue mask over a slide (its level-0 frame, `Slide.frame()`): a PNG over the whole
+    slide (non-zero = tissue) or GeoJSON polygons in level-0 pixel coordinates of the slide file."""
     path = Path(path)
     if not path.is_file():
         raise WsisegError(f"no such mask file: {path}; check the --tissue path")
@@ -210,12 +214,10 @@ def load_mask(path: str | Path, slide: Slide, mask_mpp: float | None = None) -> 
         raise WsisegError(f"mask {path.name} is not a readable image ({error}); pass a PNG or GeoJSON mask") from None
 
 
-def full_mask(slide: Slide) -> TissueMask:
-    """A mask that makes the whole image tissue (`--tissue all`)."""
-    mpp = mask_mpp_for(slide)
-    bounds = slide.bounds
-    shape = (max(1, snap(bounds.height * slide.mpp / mpp)), max(1, snap(bounds.width * slide.mpp / mpp)))
-    return TissueMask(np.ones(shape, bool), mpp)
+def full_mask(slide: Frame) -> TissueMask:
+    """A mask that makes the whole image of a slide (its level-0 frame) tissue (`--tissue all`)."""
+    frame = _mask_frame(slide)
+    return TissueMask(np.ones((frame.height, frame.width), bool), frame.mpp)
 
 
 def resolve_tissue(
@@ -227,16 +229,8 @@ def resolve_tissue(
     if tissue == "auto":
         return tissue_mask(slide, settings=settings), "detected"
     if tissue == "all":
-        return full_mask(slide), "all"
-    return load_mask(tissue, slide), str(Path(tissue).resolve())
-
-
-@dataclass(frozen=True)
-class _StoreFrame:
-    """What the mask readers need of a tile store: its source slide's bounds and base MPP."""
-
-    bounds: Any
-    mpp: float
+        return full_mask(slide.frame()), "all"
+    return load_mask(tissue, slide.frame()), str(Path(tissue).resolve())
 
 
 def resolve_source_tissue(tissue: str | Path | None, reader: Any, is_store: bool) -> TissueMask:
@@ -246,8 +240,8 @@ def resolve_source_tissue(tissue: str | Path | None, reader: Any, is_store: bool
     tissue = check_tissue_option(tissue)
     if tissue == "auto":
         return reader.tissue
-    frame = _StoreFrame(reader.bounds, reader.slide_mpp)
-    return full_mask(frame) if tissue == "all" else load_mask(tissue, frame)  # type: ignore[arg-type]
+    frame = reader.slide_frame
+    return full_mask(frame) if tissue == "all" else load_mask(tissue, frame)
 
 
 def qc_picture(

@@ -22,6 +22,7 @@ import numpy as np
 
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import atomic_file
+from wsiseg.slide.grid import Frame
 
 PROGRESS_FILE = "progress.json"
 LABELS_GROUP = "labels"
@@ -132,20 +133,16 @@ class MaskStore:
     def create(
         cls,
         path: Path,
-        width: int,
-        height: int,
-        mpp: float,
+        frame: Frame,
         class_names: Sequence[str],
         colors: Sequence[Sequence[int]] | None = None,
         source: str | None = None,
-        slide_mpp: float | None = None,
-        origin: tuple[int, int] = (0, 0),
         probabilities: bool = False,
         background: int = 0,
         chunk: int = 512,
         params: dict[str, Any] | None = None,
     ) -> MaskStore:
-        """A new, empty store at `path` (any old content there is removed)."""
+        """A new, empty store at `path` (any old content there is removed) of the image `frame` describes."""
         import zarr
 
         from wsiseg.outputs import remove
@@ -155,6 +152,7 @@ class MaskStore:
         num_classes = len(class_names)
         colors = [tuple(int(v) for v in c[:3]) for c in (colors or default_colors(num_classes))]
         dtype = "uint8" if num_classes <= 255 else "uint16"
+        width, height, origin = frame.width, frame.height, frame.origin
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
         group.create_array(
             "0", shape=(height, width), chunks=(chunk, chunk), dtype=dtype, fill_value=0, dimension_names=("y", "x")
@@ -165,9 +163,9 @@ class MaskStore:
                 dtype="float16", fill_value=0, dimension_names=("c", "y", "x"),
             )
         group.attrs["wsiseg"] = {
-            "width": int(width), "height": int(height), "mpp": float(mpp),
+            "width": int(width), "height": int(height), "mpp": float(frame.mpp),
             "class_names": list(class_names), "colors": [list(c) for c in colors],
-            "source": source, "slide_mpp": slide_mpp, "origin": [int(origin[0]), int(origin[1])],
+            "source": source, "slide_mpp": frame.slide_mpp, "origin": [int(origin[0]), int(origin[1])],
             "background": int(background), "chunk": chunk, "params": params or {}, "complete": False,
         }
         _write_json_atomic(path / PROGRESS_FILE, {"rows_done": 0, "pixel_counts": [0] * num_classes})
@@ -189,8 +187,9 @@ class MaskStore:
         return cls(path, group)
 
     @classmethod
-    def resume_or_create(cls, path: Path, params: dict[str, Any], **create_args: Any) -> MaskStore:
-        """Reopen a store left by an interrupted run with the same `params`, else create a new one."""
+    def resume_or_create(cls, path: Path, params: dict[str, Any], frame: Frame, **create_args: Any) -> MaskStore:
+        """Reopen a store left by an interrupted run with the same `params`, else create a new one
+        (`create` of `frame` with `create_args`)."""
         path = Path(path)
         if path.is_dir():
             try:
@@ -199,7 +198,7 @@ class MaskStore:
                 store = None
             if store is not None and store.meta.get("params") == params:
                 return store
-        return cls.create(path, params=params, **create_args)
+        return cls.create(path, frame, params=params, **create_args)
 
     def _read_progress(self) -> dict[str, Any]:
         progress_path = self.path / PROGRESS_FILE
@@ -243,6 +242,11 @@ class MaskStore:
     def origin(self) -> tuple[int, int]:
         """The source slide's bounds origin in its level-0 pixels."""
         return tuple(self.meta.get("origin", (0, 0)))  # type: ignore[return-value]
+
+    @property
+    def frame(self) -> Frame:
+        """Where the mask's level-0 pixels lie on the source slide (a mask without a slide is its own level 0)."""
+        return Frame(self.width, self.height, self.mpp, self.slide_mpp or self.mpp, self.origin)
 
     def class_areas_mm2(self) -> dict[str, float]:
         """Area of every class in mm² (pixel count x MPP²)."""
@@ -362,8 +366,6 @@ class MaskStore:
         return label_path
 
     def _ome_metadata(self, levels: int, parent_image: str | None = None) -> dict[str, Any]:
-        slide_mpp = self.slide_mpp or self.mpp
-        origin_um = (self.origin[0] * slide_mpp, self.origin[1] * slide_mpp)
         image_label: dict[str, Any] = {"version": "0.5"}
         if parent_image is not None:
             image_label["source"] = {"image": parent_image}
@@ -376,7 +378,7 @@ class MaskStore:
                         {"name": "y", "type": "space", "unit": "micrometer"},
                         {"name": "x", "type": "space", "unit": "micrometer"},
                     ],
-                    "datasets": level_datasets(levels, self.mpp, origin_um, channels=False),
+                    "datasets": level_datasets(levels, self.mpp, self.frame.origin_um, channels=False),
                     "type": "mode",
                     "metadata": {
                         "description": "each level the most frequent label of 2x2 blocks of the previous "

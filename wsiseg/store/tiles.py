@@ -32,7 +32,7 @@ from PIL import Image
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import TEMPORARY_GLOB, atomic_file
 from wsiseg.slide.backends import Bounds
-from wsiseg.slide.grid import Grid
+from wsiseg.slide.grid import Frame, Grid
 from wsiseg.slide.mask import TissueMask
 from wsiseg.store.masks import level_datasets, level_shapes
 
@@ -84,6 +84,14 @@ def ome_attributes(name: str, mpp: float, origin_um: tuple[float, float], levels
     }
 
 
+def attrs_frame(attributes: dict[str, Any]) -> Frame:
+    """The frame of a tile store's image, from its `wsiseg` attributes (or the settings they are made of)."""
+    return Frame(
+        int(attributes["width"]), int(attributes["height"]), float(attributes["mpp"]),
+        float(attributes["slide_mpp"]), tuple(attributes["origin"]),  # type: ignore[arg-type]
+    )
+
+
 def create_store(path: Path, settings: dict[str, Any], tissue: TissueMask) -> TileStore:
     """Create an empty, incomplete tile store at `path` (whose parent must exist)."""
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -102,9 +110,8 @@ def create_store(path: Path, settings: dict[str, Any], tissue: TissueMask) -> Ti
         dimension_names=("y", "x"),
     )
     mask[...] = tissue.mask.astype(np.uint8)
-    origin_um = tuple(v * settings["slide_mpp"] for v in settings["origin"])
     attributes = {
-        "ome": ome_attributes(Path(settings["source"]).name, settings["mpp"], origin_um),  # type: ignore[arg-type]
+        "ome": ome_attributes(Path(settings["source"]).name, settings["mpp"], attrs_frame(settings).origin_um),
         "wsiseg": {**settings, "kind": "tiles", "format_version": FORMAT_VERSION, "complete": False},
     }
     group.attrs.update(attributes)
@@ -160,6 +167,11 @@ class TileStore:
     origin = property(lambda self: tuple(self.attrs["origin"]), doc="Bounds origin (x, y) in level-0 pixels.")
     is_complete = property(lambda self: bool(self.attrs.get("complete")))
     qc_picture = property(lambda self: sidecar(self.path, QC_SUFFIX), doc="The QC picture beside the store.")
+
+    @property
+    def slide_frame(self) -> Frame:
+        """The source slide's bounds at its own resolution (level 0)."""
+        return Frame.over(self.bounds, self.slide_mpp)
 
     @property
     def tissue(self) -> TissueMask:
@@ -302,9 +314,9 @@ def write_pyramid(path: Path) -> int:
             array[:, y : y + tile] = mean_downsample(np.asarray(previous[:, 2 * y : 2 * (y + tile)]))[:, :, : shapes[level][1]]
     ome = dict(group.attrs["ome"])  # type: ignore[arg-type]
     multiscale = dict(ome["multiscales"][0])
-    origin_um = tuple(v * float(attributes["slide_mpp"]) for v in attributes["origin"])
+    frame = attrs_frame(attributes)
     multiscale.update(
-        datasets=level_datasets(len(shapes), float(attributes["mpp"]), origin_um, channels=True),  # type: ignore[arg-type]
+        datasets=level_datasets(len(shapes), frame.mpp, frame.origin_um, channels=True),
         type="mean", metadata=PYRAMID_METADATA,
     )
     group.attrs["ome"] = {**ome, "multiscales": [multiscale]}

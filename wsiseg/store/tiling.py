@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import nullcontext
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,50 @@ RESUME_KEYS = ("source", "mpp", "slide_mpp", "width", "height", "tile", "origin"
 def tile_workers(workers: int | str | None) -> int:
     """Writer threads of a local run: a number, or auto/None for min(4, cores)."""
     return parse_workers_option(workers, lambda: max(1, min(4, os.cpu_count() or 1)), "in this thread")
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """How slides are tiled, checked once when made.
+
+    `tile`: tile (and chunk) size in pixels; `workers`: threads of this process (auto: min(4, cores);
+    0 = in this thread); `scheduler`: address of an existing dask cluster instead; `overwrite`:
+    replace existing stores; `tissue`: auto (detect, with `tissue_options` as TissueSettings
+    fields), all, or a mask file; `progress`: show progress bars; `skip_errors`: go on past slides
+    that fail (several slides).
+    """
+
+    tile: int = 512
+    workers: int | str | None = None
+    scheduler: str | None = None
+    overwrite: bool = False
+    tissue: str | Path = "auto"
+    tissue_options: dict[str, Any] | None = None
+    progress: bool = True
+    skip_errors: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tile < 16:
+            raise WsisegError(f"--tile must be at least 16 pixels, got {self.tile}")
+        tile_workers(self.workers)
+        object.__setattr__(self, "tissue", check_tissue_option(self.tissue))
+
+    @classmethod
+    def of(cls, settings: TileSettings | None = None, **options: Any) -> TileSettings:
+        """`settings` (default: the defaults) with `options` (its field names) replaced; `tissue_mask_path`,
+        the older name of a `tissue` mask file, wins over `tissue` when given."""
+        mask_path = options.pop("tissue_mask_path", None)
+        if mask_path is not None:
+            options["tissue"] = mask_path
+        unknown = set(options) - {field.name for field in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown tiling options: {', '.join(sorted(unknown))}")
+        return replace(settings or cls(), **options)
+
+    @property
+    def threads(self) -> int:
+        """Writer threads of a local run."""
+        return tile_workers(self.workers)
 
 
 def _batches(positions: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
@@ -85,18 +130,18 @@ def _run_tiles(
 
 # --- one slide --------------------------------------------------------------------------------
 def _settings(slide: Slide, mpp: float, tile: int) -> dict[str, Any]:
-    width, height = slide.size_at(mpp)
+    frame = slide.frame(mpp)
     bounds = slide.bounds
     return {
         "source": str(slide.path.resolve()),
         "slide_format": slide.format,
         "mpp": float(mpp),
-        "slide_mpp": slide.mpp,
+        "slide_mpp": frame.slide_mpp,
         "slide_mpp_source": "override" if slide.slide_mpp is not None else "metadata",
-        "width": width,
-        "height": height,
+        "width": frame.width,
+        "height": frame.height,
         "tile": tile,
-        "origin": [bounds.x, bounds.y],
+        "origin": list(frame.origin),
         "slide_size": [bounds.width, bounds.height],
         "slide_dimensions": list(slide.level_dimensions[0]),
     }
@@ -156,64 +201,47 @@ def tile_slide(
     slide: str | Path | Slide,
     out: str | Path,
     mpp: float,
+    settings: TileSettings | None = None,
     *,
     slide_mpp: float | None = None,
-    tile: int = 512,
-    workers: int | str | None = None,
-    scheduler: str | None = None,
-    overwrite: bool = False,
-    tissue_mask_path: str | Path | None = None,
-    tissue_options: dict[str, Any] | None = None,
     client: Any = None,
-    progress: bool = True,
-    tissue: str | Path = "auto",
+    **options: Any,
 ) -> TileStore:
     """Tile one slide's tissue at `mpp` into the zarr store `out` (resuming an interrupted run).
 
-    `workers`: threads of this process (auto: min(4, cores); 0 = in this thread); `scheduler`:
-    address of an existing dask cluster instead; `client`: an open dask client to reuse. A store
-    a finished run with the same settings left at `out` is returned as it is. `tissue`: auto
-    (detect, with `tissue_options` as TissueSettings fields), all, or a mask file
-    (`tissue_mask_path` is the same as passing the file as `tissue`).
+    `settings` (or `options`, its fields by name, see TileSettings) say how; `client`: an open dask
+    client to reuse. A store a finished run with the same settings left at `out` is returned as it is.
     """
-    if tile < 16:
-        raise WsisegError(f"--tile must be at least 16 pixels, got {tile}")
-    tile_workers(workers)
-    tissue = check_tissue_option(tissue_mask_path if tissue_mask_path is not None else tissue)
+    settings = TileSettings.of(settings, **options)
     if not isinstance(slide, Slide):
         with open_slide(slide, slide_mpp) as opened:
-            return _tile(opened, Path(out), mpp, tile, workers, scheduler, overwrite, tissue, tissue_options,
-                         client, progress)[0]
-    return _tile(slide, Path(out), mpp, tile, workers, scheduler, overwrite, tissue, tissue_options, client,
-                 progress)[0]
+            return _tile(opened, Path(out), mpp, settings, client)[0]
+    return _tile(slide, Path(out), mpp, settings, client)[0]
 
 
-def _tile(
-    slide: Slide, out: Path, mpp: float, tile: int, workers: int | str | None, scheduler: str | None, overwrite: bool,
-    tissue: str | Path, tissue_options: dict[str, Any] | None, client: Any, progress: bool,
-) -> tuple[TileStore, int | None]:
+def _tile(slide: Slide, out: Path, mpp: float, options: TileSettings, client: Any) -> tuple[TileStore, int | None]:
     """`tile_slide` of an open slide: (the store, tiles written, or None when a finished run is reused)."""
-    threads = tile_workers(workers)
+    threads, tile = options.threads, options.tile
     settings = _settings(slide, mpp, tile)
     if mpp < slide.mpp * (1 - 1e-6):
         log.warning(
             "%s: target %g MPP is finer than the slide's %g: upsampling %.2fx (no detail is added)",
             slide.path.name, mpp, slide.mpp, slide.mpp / mpp,
         )
-    finished = _finished(out, settings, overwrite)
+    finished = _finished(out, settings, options.overwrite)
     if finished is not None:
         log.info("%s: %s was finished by an earlier run with the same settings: skipped", slide.path.name, out)
         _publish_sidecars(out)
         return finished, None
     check_writable(out, overwrite=True)
     partial = partial_path(out)
-    if overwrite and partial.exists():
+    if options.overwrite and partial.exists():
         remove(partial)
     store = _resumable(partial, settings)
     with log_to_file(_log_path(out)):
         if store is None:
             log.info("%s: detecting tissue", slide.path.name)
-            mask, source = resolve_tissue(tissue, slide, TissueSettings(**(tissue_options or {})))
+            mask, source = resolve_tissue(options.tissue, slide, TissueSettings(**(options.tissue_options or {})))
             store = _new_store(partial, slide, settings, mask, source)
         else:
             log.info("%s: resuming the interrupted run in %s", slide.path.name, partial)
@@ -229,8 +257,8 @@ def _tile(
                         "file)", slide.path.name)
         started = time.perf_counter()
         if missing:
-            with nullcontext(client) if client is not None else dask_client(scheduler) as active:
-                _run_tiles(active, threads, slide, store, missing, f"tiling {slide.path.name}", progress)
+            with nullcontext(client) if client is not None else dask_client(options.scheduler) as active:
+                _run_tiles(active, threads, slide, store, missing, f"tiling {slide.path.name}", options.progress)
         left = len(positions) - len(store.stored_tiles(positions))
         if left:
             raise WsisegError(f"{left} tiles of {slide.path.name} were not written; rerun the same command to resume")
@@ -259,10 +287,10 @@ def _publish_sidecars(out: Path) -> None:
 
 
 # --- several slides ---------------------------------------------------------------------------
-def _tile_one(slide: Slide, out: Path, mpp: float, client: Any, options: dict[str, Any]) -> SlideResult:
+def _tile_one(slide: Slide, out: Path, mpp: float, options: TileSettings, client: Any) -> SlideResult:
     started = time.perf_counter()
     try:
-        store, written = _tile(slide, out, mpp, client=client, scheduler=None, **options)
+        store, written = _tile(slide, out, mpp, options, client)
     finally:
         slide.close()
     tiles = len(store.tissue_tiles())
@@ -276,34 +304,26 @@ def tile_slides(
     slides: Sequence[str | Path],
     out: str | Path,
     mpp: float,
+    settings: TileSettings | None = None,
     *,
     slide_mpp: float | None = None,
-    tile: int = 512,
-    workers: int | str | None = None,
-    scheduler: str | None = None,
-    overwrite: bool = False,
-    skip_errors: bool = False,
-    tissue_mask_path: str | Path | None = None,
-    tissue_options: dict[str, Any] | None = None,
-    progress: bool = True,
-    tissue: str | Path = "auto",
+    **options: Any,
 ) -> list[SlideResult]:
     """Tile several slides, a store each (`slide_outputs`, suffix .zarr), sharing one dask client.
 
-    Every slide is opened before any tiling starts; with `skip_errors`, go on past bad ones.
-    Stores finished by an earlier run with the same settings are skipped, interrupted ones resume.
-    The output folder (or store) is locked for the run.
+    `settings` (or `options`, its fields by name, see TileSettings) say how. Every slide is opened
+    before any tiling starts; with `skip_errors`, go on past bad ones. Stores finished by an earlier
+    run with the same settings are skipped, interrupted ones resume. The output folder (or store)
+    is locked for the run.
     """
-    tile_workers(workers)
+    settings = TileSettings.of(settings, **options)
     paths = [Path(s) for s in slides]
     if not paths:
         raise WsisegError("no slides given: pass one or more slide files")
-    tissue = check_tissue_option(tissue_mask_path if tissue_mask_path is not None else tissue)
-    if isinstance(tissue, Path) and len(paths) > 1:
+    if isinstance(settings.tissue, Path) and len(paths) > 1:
         raise WsisegError("a tissue mask file applies to one slide: tile the slides one at a time")
     stores = slide_outputs(paths, out, ".zarr")
-    options = {"tile": tile, "workers": workers, "overwrite": overwrite, "tissue": tissue,
-               "tissue_options": tissue_options, "progress": progress}
+    skip_errors = settings.skip_errors
     with output_lock(Path(out), "tile"):
         opened: dict[Path, Slide] = {}
         failed: dict[Path, SlideResult] = {}
@@ -314,8 +334,9 @@ def tile_slides(
             except WsisegError as error:
                 failed[path] = _preflight_failure(path, store, error, skip_errors, opened)
         ready = [(path, store) for path, store in zip(paths, stores) if path in opened]
-        with dask_client(scheduler) if ready else nullcontext() as client:
-            work = lambda path, store: _tile_one(opened[path], store, mpp, client, options)  # noqa: E731
+        local = replace(settings, scheduler=None)  # the slides share the client opened here
+        with dask_client(settings.scheduler) if ready else nullcontext() as client:
+            work = lambda path, store: _tile_one(opened[path], store, mpp, local, client)  # noqa: E731
             done = run_slides([p for p, _ in ready], [s for _, s in ready], work, skip_errors=skip_errors)
         results = dict(zip([p for p, _ in ready], done)) | failed
     return [results[path] for path in paths]
