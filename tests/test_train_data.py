@@ -12,9 +12,10 @@ from PIL import Image
 from wsiseg.config import AUGMENTATIONS
 from wsiseg.errors import WsisegError
 from wsiseg.train.augment import TrainTransform
+from wsiseg.train.choices import LOSSES, OPTIMIZERS
 from wsiseg.train.data import SegmentationDataset, read_image, read_mask
 from wsiseg.train.losses import CombinedLoss
-from wsiseg.train.trainer import lr_factor, parameter_groups
+from wsiseg.train.trainer import build_optimizer, lr_factor, parameter_groups
 
 
 def _palette_png(path: Path, values: np.ndarray) -> Path:
@@ -81,7 +82,7 @@ def test_small_images_are_padded_with_ignore() -> None:
     assert int((out_mask == 255).sum()) == 32 * 32 - 20 * 30
 
 
-@pytest.mark.parametrize("name", ["cross_entropy", "dice", "iou", "ohem", "focal"])
+@pytest.mark.parametrize("name", list(LOSSES))
 def test_losses_ignore_the_ignore_index(name: str) -> None:
     torch.manual_seed(0)
     target = torch.randint(0, 3, (2, 8, 8))
@@ -125,6 +126,16 @@ def test_schedules_warm_up_per_iteration_and_end_at_the_floor() -> None:
     step = [lr_factor(s, replace(training, scheduler="step"), 20) for s in (20, 79, 80, 160)]
     assert step == pytest.approx([1.0, 1.0, 0.1, 0.01])
     assert lr_factor(199, replace(training, scheduler="poly"), 20) < 0.05
+    assert [lr_factor(s, replace(training, scheduler="none"), 20) for s in (0, 20, 199)] == [1 / 21, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_each_optimizer_is_built_by_its_name(name: str) -> None:
+    from wsiseg.config_types import TrainingConfig
+
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": 0.01}]
+    optimizer = build_optimizer(groups, TrainingConfig(optimizer=name, lr=0.5))
+    assert type(optimizer).__name__.lower() == name and optimizer.param_groups[0]["lr"] == 0.5
 
 
 def test_parameter_groups_split_decay_and_backbone_lr() -> None:

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from wsiseg.config_reference import drop_counterparts, get_path, nested_home, normalise, reference_keys, set_path
-from wsiseg.config_types import AUGMENTATIONS, LOSS_OPTIONS, LOSSES, REQUIRED, SCHEMA, SECTIONS, Key
+from wsiseg.config_types import AUGMENTATIONS, LOSS_OPTIONS, REQUIRED, SCHEMA, SECTIONS, Key
 from wsiseg.errors import WsisegError
+from wsiseg.train.choices import LOSSES
 from wsiseg.train.dataset_json import read_dataset_json, resolve_path
 
 DEMO_DATASET = "sample:hgsc_nest"
@@ -145,7 +146,7 @@ def _check_loss(loss: Any, problems: _Problems) -> dict[str, Any]:
         elif key in LOSS_OPTIONS:
             out[key] = _check_value(f"training.loss.{key}", LOSS_OPTIONS[key], value, problems)
         else:
-            problems.add(f"unknown loss 'training.loss.{key}'{_suggest(key, LOSSES + tuple(LOSS_OPTIONS))}; "
+            problems.add(f"unknown loss 'training.loss.{key}'{_suggest(key, (*LOSSES, *LOSS_OPTIONS))}; "
                          f"losses: {', '.join(LOSSES)}")
     if not terms:
         problems.add("training.loss has no loss with a weight > 0; e.g. {cross_entropy: 1.0, dice: 1.0}")

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsiseg.config_types import LOSS_OPTIONS, LOSSES, SCHEMA
+from wsiseg.choices import either
+from wsiseg.config_types import LOSS_OPTIONS, SCHEMA
+from wsiseg.models.choices import FINETUNE_MODES
+from wsiseg.train.choices import LOSSES, OPTIMIZERS, SCHEDULERS
 
 UNSUPPORTED_MODES = ("cnn_adapter", "transformer_adapter")
 Lookup = Callable[[str], Any]
@@ -54,8 +57,8 @@ def _word(path: str, value: Any, choices: tuple[str, ...]) -> str:
         raise _Bad(f"{path} must be one of {', '.join(choices)}, got {value!r}")
     lowered = value.lower()
     if lowered in UNSUPPORTED_MODES:
-        raise _Bad(f"{path} is '{value}': the reference's adapter modes (cnn_adapter, transformer_adapter) are not "
-                   f"implemented in wsiseg; use {', '.join(choices[:-1])} or {choices[-1]}")
+        raise _Bad(f"{path} is '{value}': the reference's adapter modes ({', '.join(UNSUPPORTED_MODES)}) are not "
+                   f"implemented in wsiseg; use {either(choices)}")
     if lowered not in choices:
         close = difflib.get_close_matches(lowered, choices, n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -100,15 +103,8 @@ def _lr(value: Any, lookup: Lookup) -> tuple[float]:
     return (_number("training.learning_rate", value),)
 
 
-def _choices(native: str) -> tuple[str, ...]:
-    """The choices of a native key (kept once, in the config schema)."""
-
-    section, key = native.split(".")
-    return tuple(SCHEMA[section][key].choices or ())
-
-
 def _mode(value: Any, lookup: Lookup) -> tuple[str]:
-    return (_word("model.finetune_mode.type", value, _choices("model.finetune_mode")),)
+    return (_word("model.finetune_mode.type", value, FINETUNE_MODES.names),)
 
 
 def _alpha(value: Any, lookup: Lookup) -> tuple[float]:
@@ -116,16 +112,16 @@ def _alpha(value: Any, lookup: Lookup) -> tuple[float]:
 
 
 def _optimizer(value: Any, lookup: Lookup) -> tuple[str]:
-    return (_word("training.optimizer.type", value, _choices("training.optimizer")),)
+    return (_word("training.optimizer.type", value, OPTIMIZERS.names),)
 
 
 def _scheduler(value: Any, lookup: Lookup) -> tuple[str]:
-    return (_word("training.scheduler.type", value, _choices("training.scheduler")),)
+    return (_word("training.scheduler.type", value, SCHEDULERS.names),)
 
 
 def _loss(value: Any, lookup: Lookup) -> tuple[dict[str, Any]]:
 
-    name = _word("training.loss.type", value, LOSSES)
+    name = _word("training.loss.type", value, LOSSES.names)
     options = {k: v for k, v in (lookup("training.loss") or {}).items() if k in LOSS_OPTIONS}
     return ({name: 1.0, **options},)
 
@@ -156,8 +152,8 @@ TABLE: tuple[Row, ...] = (
     Row("dataset.json_file", ("dataset.json",)),
     Row("model.pfm_name", ("model.name",), "registry spelling: case, '-' and '_' do not matter (PathOrchestra "
         "-> pathorchestra)", _pfm),
-    Row("model.finetune_mode.type", ("model.finetune_mode",), "lora, dora, full or frozen in any case; "
-        "cnn_adapter and transformer_adapter are refused", _mode),
+    Row("model.finetune_mode.type", ("model.finetune_mode",), f"{either(FINETUNE_MODES)} in any case; "
+        f"{either(UNSUPPORTED_MODES)} are refused", _mode),
     Row("model.finetune_mode.rank", ("model.lora_r",)),
     Row("model.finetune_mode.alpha", ("model.lora_alpha",), "the reference scales the LoRA update by alpha itself; "
         "peft scales by lora_alpha / r, so lora_alpha = alpha * rank", _alpha),
@@ -287,7 +283,7 @@ def _strip(raw: dict[str, Any], present: list[Row], problems: list[str]) -> dict
     for key in UNSUPPORTED_MODES:
         if _has(native, f"model.{key}"):
             problems.append(f"model.{key} configures the reference's {key} mode, which wsiseg does not "
-                            "implement; remove it and use model.finetune_mode lora, dora, full or frozen")
+                            f"implement; remove it and use model.finetune_mode {either(FINETUNE_MODES)}")
             _pop(native, f"model.{key}")
     return native
 

@@ -17,10 +17,10 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 from wsiseg.metrics import SUMMARY_METRICS
-from wsiseg.models.choices import DECODERS
+from wsiseg.models.choices import DECODERS, FINETUNE_MODES
+from wsiseg.train.choices import OPTIMIZERS, SCHEDULERS
 
 REQUIRED = object()
-LOSSES = ("cross_entropy", "dice", "iou", "ohem", "focal")
 AUGMENTATIONS = (
     "random_resized_crop", "hflip", "vflip", "rotate90", "transpose", "elastic", "grid_distortion",
     "optical_distortion", "color_jitter", "hsv", "rgb_shift", "gaussian_noise", "multiplicative_noise",
@@ -75,8 +75,8 @@ class ModelConfig:
     name: str = key(help="a registry name or timm:<name>")
     pfm_weights_path: str | None = None
     emb_dim: int | None = key(None, minimum=1, help="checked against the model")
-    decoder: str = key("fused", choices=tuple(DECODERS))
-    finetune_mode: str = key("lora", choices=("lora", "dora", "full", "frozen"))
+    decoder: str = key("fused", choices=DECODERS.names)
+    finetune_mode: str = key("lora", choices=FINETUNE_MODES.names)
     lora_r: int = key(8, minimum=1)
     lora_alpha: float = key(16.0, minimum=0, help="peft scaling: the update is scaled by lora_alpha / lora_r")
     lora_dropout: float = key(0.0, **PROB)
@@ -90,13 +90,13 @@ class ModelConfig:
 class TrainingConfig:
     epochs: int = key(20, minimum=1)
     batch_size: int = key(8, minimum=1)
-    optimizer: str = key("adamw", choices=("sgd", "adam", "adamw"))
+    optimizer: str = key("adamw", choices=OPTIMIZERS.names)
     lr: float = key(1e-4, minimum=0)
     backbone_lr: float | None = key(None, minimum=0, help="learning rate of the backbone; null = lr")
     weight_decay: float = key(0.01, minimum=0)
     momentum: float = key(0.9, **PROB)
     nesterov: bool = key(True, help="Nesterov momentum (SGD)")
-    scheduler: str = key("cosine", choices=("cosine", "step", "poly", "none"))
+    scheduler: str = key("cosine", choices=SCHEDULERS.names)
     warmup_epochs: float = key(1.0, minimum=0)
     min_lr_ratio: float = key(0.01, **PROB)
     step_epochs: int = key(10, minimum=1)

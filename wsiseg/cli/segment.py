@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-EXPORT_FORMATS = ("tiff", "palette-tiff", "ome-tiff", "geojson", "png")
+from wsiseg.choices import either
+from wsiseg.export.choices import DEFAULT_EXPORTS, EXPORTS, LABELS
 
 
 @click.command("segment")
@@ -30,8 +31,8 @@ EXPORT_FORMATS = ("tiff", "palette-tiff", "ome-tiff", "geojson", "png")
 @click.option("--scheduler", default=None, help="dask.distributed scheduler address: one task per slide on GPU workers.")
 @click.option("--save-probabilities", is_flag=True, help="Also store the blended class probabilities (float16) in mask.zarr.")
 @click.option("--background", default=None, help="Background class name [default: a class named background, else 0].")
-@click.option("--export", "exports", default="tiff,ome-tiff,png", show_default=True,
-              help="Comma-separated exports written next to mask.zarr (tiff, palette-tiff, ome-tiff, geojson, png; '' for none).")
+@click.option("--export", "exports", default=",".join(DEFAULT_EXPORTS), show_default=True,
+              help=f"Comma-separated exports written next to mask.zarr ({', '.join(EXPORTS)}; '' for none).")
 @click.option("--clip-to-tissue/--no-clip-to-tissue", default=True, show_default=True,
               help="Give pixels outside the tissue mask the background label, even inside a tissue window.")
 @click.option("--tissue", default="auto", show_default=True,
@@ -66,10 +67,10 @@ def segment_command(
 
 @click.command("export")
 @click.argument("mask", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice([*EXPORT_FORMATS, "labels"]), required=True,
+@click.option("--format", "fmt", type=click.Choice([*EXPORTS, LABELS]), required=True,
               help="labels: an OME-Zarr label image inside the tile store MASK was segmented from.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Output [default: mask.tif, mask.palette.tif, mask.ome.tif, mask.geojson or overlay.png next "
+              help=f"Output [default: {either(map(EXPORTS.detail, EXPORTS))} next "
                    "to MASK; STORE.zarr/labels/segmentation for labels].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--level", type=int, default=None,

@@ -25,6 +25,7 @@ from wsiseg.engine.source import SourceView, open_source
 from wsiseg.engine.windows import predict_windows
 from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
+from wsiseg.export.choices import DEFAULT_EXPORTS, EXPORTS
 from wsiseg.outputs import check_writable, finish_publish, partial_path, publish_together, remove
 from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.slide.grid import Frame
@@ -36,19 +37,16 @@ MODES = ("windowslide", "resize")
 MASK_NAME = "mask.zarr"
 SUMMARY_NAME = "summary.json"
 LOG_NAME = "segment.log"
-DEFAULT_EXPORTS = ("tiff", "ome-tiff", "png")
 FORMAT_VERSION = 1
 
 
 def output_paths(out_dir: Path, exports: Sequence[str]) -> dict[str, Path]:
     """Final paths of every output of a run."""
-    from wsiseg.export.mask import FORMATS
-
     paths = {"mask": out_dir / MASK_NAME, "summary": out_dir / SUMMARY_NAME}
     for fmt in exports:
-        if fmt not in FORMATS:
-            raise WsisegError(f"unknown export format {fmt!r}: use any of {', '.join(FORMATS)}")
-        paths[fmt] = out_dir / FORMATS[fmt]
+        if fmt not in EXPORTS:
+            raise WsisegError(f"unknown export format {fmt!r}: use any of {', '.join(EXPORTS)}")
+        paths[fmt] = out_dir / EXPORTS.detail(fmt)
     return paths
 
 

@@ -8,23 +8,13 @@ from typing import Any
 import numpy as np
 
 from wsiseg.errors import WsisegError
+from wsiseg.export.choices import EXPORTS, LABELS
 from wsiseg.outputs import atomic_output
 from wsiseg.progress import get_logger
 from wsiseg.store.masks import LABELS_GROUP, MaskStore
 
 log = get_logger("export")
 
-# format -> default file name (next to the mask store)
-FORMATS: dict[str, str] = {
-    "tiff": "mask.tif",
-    "palette-tiff": "mask.palette.tif",
-    "ome-tiff": "mask.ome.tif",
-    "geojson": "mask.geojson",
-    "png": "overlay.png",
-}
-
-
-LABELS = "labels"  # a label image inside the source tile store, not a file beside the mask
 DEFAULT_LABEL_NAME = "segmentation"
 TIFF_COMPRESSION = "zlib"  # deflate: ASAP, libtiff, OpenSlide 3.4 and 4, Bio-Formats all read it (ASAP refuses zstd)
 
@@ -70,20 +60,36 @@ def write_export(
 
     `geojson`: `level`, `simplify` (µm) and `min_area` (µm²) of the GeoJSON tracing.
     """
+    return EXPORTS.load(fmt)(store, path, thumbnail, geojson)
+
+
+def write_tiff(store: MaskStore, path: Path, thumbnail: np.ndarray | None, geojson: dict[str, Any]) -> Path:
+    """`tiff`: top-level pyramid pages of min-is-black labels (OpenSlide, ASAP)."""
+    return write_mask_tiff(store, path, "openslide")
+
+
+def write_palette_tiff(store: MaskStore, path: Path, thumbnail: np.ndarray | None, geojson: dict[str, Any]) -> Path:
+    """`palette-tiff`: as `tiff`, with the class colours as a colour table (OpenSlide renders it, ASAP refuses it)."""
+    return write_mask_tiff(store, path, "openslide", palette=True)
+
+
+def write_ome_tiff(store: MaskStore, path: Path, thumbnail: np.ndarray | None, geojson: dict[str, Any]) -> Path:
+    """`ome-tiff`: OME-TIFF with SubIFDs (QuPath / Bio-Formats)."""
+    return write_mask_tiff(store, path, "ome")
+
+
+def write_geojson_export(store: MaskStore, path: Path, thumbnail: np.ndarray | None, geojson: dict[str, Any]) -> Path:
+    """`geojson`: the class regions as polygons, traced with the `geojson` options."""
     from wsiseg.export.geojson import write_geojson
+
+    return write_geojson(store, path, **geojson)
+
+
+def write_png(store: MaskStore, path: Path, thumbnail: np.ndarray | None, geojson: dict[str, Any]) -> Path:
+    """`png`: the mask's colours over the slide's thumbnail (read from the slide when none is given)."""
     from wsiseg.export.overlay import write_overlay
 
-    if fmt == "tiff":
-        return write_mask_tiff(store, path, "openslide")
-    if fmt == "palette-tiff":
-        return write_mask_tiff(store, path, "openslide", palette=True)
-    if fmt == "ome-tiff":
-        return write_mask_tiff(store, path, "ome")
-    if fmt == "geojson":
-        return write_geojson(store, path, **geojson)
-    if fmt == "png":
-        return write_overlay(store, path, thumbnail if thumbnail is not None else source_thumbnail(store))
-    raise WsisegError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    return write_overlay(store, path, thumbnail if thumbnail is not None else source_thumbnail(store))
 
 
 def export_labels(store: MaskStore, output: Path | str | None = None, overwrite: bool = False) -> Path:
@@ -122,17 +128,17 @@ def export_mask(
     simplify: float = 0.0,
     min_area: float = 0.0,
 ) -> Path:
-    """Export a mask.zarr as `format` (see FORMATS) to `output` (default: next to it).
+    """Export a mask.zarr as `format` (see `wsiseg.export.choices.EXPORTS`) to `output` (default: next to it).
 
     `level`, `simplify` (µm, 0 = off) and `min_area` (µm²) shape the
     GeoJSON polygons (see `wsiseg.export.geojson`).
     """
     if format == LABELS:
         return export_labels(open_complete(mask), output, overwrite)
-    if format not in FORMATS:
-        raise WsisegError(f"unknown export format {format!r}: use one of {', '.join([*FORMATS, LABELS])}")
+    if format not in EXPORTS:
+        raise WsisegError(f"unknown export format {format!r}: use one of {', '.join([*EXPORTS, LABELS])}")
     store = open_complete(mask)
-    final = Path(output) if output is not None else Path(mask).parent / FORMATS[format]
+    final = Path(output) if output is not None else Path(mask).parent / EXPORTS.detail(format)
     with atomic_output(final, overwrite=overwrite, resume=False) as partial:
         write_export(store, format, partial, level=level, simplify=simplify, min_area=min_area)
     log.info("wrote %s", final)

@@ -8,3 +8,11 @@ DECODERS = Choices("model.decoder", {
     "fused": "wsiseg.models.decoders:FusedDecoder",
     "progressive": "wsiseg.models.decoders:ProgressiveDecoder",
 })
+
+# mode -> how it sets up the backbone: fn(backbone, rank, alpha, dropout, targets) -> the backbone to train
+FINETUNE_MODES = Choices("model.finetune_mode", {
+    "lora": "wsiseg.models.finetune:add_lora",
+    "dora": "wsiseg.models.finetune:add_dora",
+    "full": "wsiseg.models.finetune:train_all",
+    "frozen": "wsiseg.models.finetune:freeze",
+})

@@ -17,11 +17,11 @@ from typing import Any
 import torch.nn as nn
 
 from wsiseg.errors import WsisegError
+from wsiseg.models.choices import FINETUNE_MODES
 from wsiseg.progress import get_logger
 
 log = get_logger("models.finetune")
 
-MODES = ("lora", "dora", "full", "frozen")
 DEFAULT_TARGETS = ("qkv", "proj")
 
 
@@ -47,12 +47,33 @@ def find_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
 
 def apply_finetune(backbone: nn.Module, mode: str, rank: int = 8, alpha: float = 16,
                    dropout: float = 0.0, targets: Sequence[str] | None = None) -> nn.Module:
-    """Set which backbone parameters train; for lora/dora return the peft-wrapped backbone."""
-    if mode not in MODES:
-        raise WsisegError(f"unknown model.finetune_mode {mode!r}: use one of {', '.join(MODES)}")
-    if mode in ("full", "frozen"):
-        backbone.requires_grad_(mode == "full")
-        return backbone
+    """Set which backbone parameters train (the mode's entry in FINETUNE_MODES); lora/dora return the peft-wrapped backbone."""
+    return FINETUNE_MODES.load(mode)(backbone, rank, alpha, dropout, targets)
+
+
+def train_all(backbone: nn.Module, rank: int, alpha: float, dropout: float, targets: Sequence[str] | None) -> nn.Module:
+    """`full`: every backbone parameter trains (the LoRA settings are unused)."""
+    return backbone.requires_grad_(True)
+
+
+def freeze(backbone: nn.Module, rank: int, alpha: float, dropout: float, targets: Sequence[str] | None) -> nn.Module:
+    """`frozen`: no backbone parameter trains (the LoRA settings are unused)."""
+    return backbone.requires_grad_(False)
+
+
+def add_lora(backbone: nn.Module, rank: int, alpha: float, dropout: float, targets: Sequence[str] | None) -> nn.Module:
+    """`lora`: peft LoRA adapters on the target layers."""
+    return _adapt(backbone, "lora", rank, alpha, dropout, targets)
+
+
+def add_dora(backbone: nn.Module, rank: int, alpha: float, dropout: float, targets: Sequence[str] | None) -> nn.Module:
+    """`dora`: peft DoRA (weight-decomposed LoRA) adapters on the target layers."""
+    return _adapt(backbone, "dora", rank, alpha, dropout, targets)
+
+
+def _adapt(backbone: nn.Module, mode: str, rank: int, alpha: float, dropout: float,
+           targets: Sequence[str] | None) -> nn.Module:
+    """The peft-wrapped backbone with LoRA (or DoRA) adapters; WsisegError when peft places fewer than asked."""
     from peft import LoraConfig, get_peft_model
 
     if targets is None or tuple(targets) == DEFAULT_TARGETS:  # the config default: the backbone's own, where it has one

@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 
 from wsiseg.errors import WsisegError
-from wsiseg.models.choices import DECODERS
+from wsiseg.models.choices import DECODERS, FINETUNE_MODES
 from wsiseg.models.decoders import build_decoder
 from wsiseg.models.features import feature_maps, is_vit, vit_layers
-from wsiseg.models.finetune import MODES, apply_finetune, count_parameters
+from wsiseg.models.finetune import apply_finetune, count_parameters
 from wsiseg.models.registry import BackboneSpec, build_backbone, entry, get_spec
 from wsiseg.progress import get_logger
 
@@ -76,8 +76,7 @@ def model_config(model_cfg: dict[str, Any]) -> dict[str, Any]:
     from wsiseg.config import defaults
 
     cfg = {**defaults("model"), **{k: v for k, v in model_cfg.items() if v is not None or k == "pfm_weights_path"}}
-    if cfg["finetune_mode"] not in MODES:
-        raise WsisegError(f"unknown model.finetune_mode {cfg['finetune_mode']!r}: use one of {', '.join(MODES)}")
+    FINETUNE_MODES.check(cfg["finetune_mode"])
     DECODERS.check(cfg["decoder"])
     return cfg
 

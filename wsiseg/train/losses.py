@@ -12,10 +12,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from wsiseg.config import LOSSES, defaults
+from wsiseg.config import defaults
 from wsiseg.errors import WsisegError
+from wsiseg.train.choices import LOSSES
 
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Weights = torch.Tensor | None
+# a loss in the weighted sum: (logits, target, ignore_index, options, class_weights) -> scalar
+Term = Callable[[torch.Tensor, torch.Tensor, int, dict[str, Any], Weights], torch.Tensor]
 
 
 def _valid_one_hot(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,6 +93,37 @@ def ohem_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 25
     return per_pixel[hard].mean()
 
 
+def cross_entropy_term(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, options: dict[str, Any],
+                       class_weights: Weights) -> torch.Tensor:
+    """`cross_entropy` in a weighted sum (class_weights apply)."""
+    return cross_entropy(logits, target, ignore_index, class_weights)
+
+
+def dice_term(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, options: dict[str, Any],
+              class_weights: Weights) -> torch.Tensor:
+    """`dice` in a weighted sum (options: smooth)."""
+    return dice_loss(logits, target, ignore_index, float(options["smooth"]))
+
+
+def iou_term(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, options: dict[str, Any],
+             class_weights: Weights) -> torch.Tensor:
+    """`iou` in a weighted sum (options: smooth)."""
+    return iou_loss(logits, target, ignore_index, float(options["smooth"]))
+
+
+def focal_term(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, options: dict[str, Any],
+               class_weights: Weights) -> torch.Tensor:
+    """`focal` in a weighted sum (options: focal_gamma; class_weights apply)."""
+    return focal_loss(logits, target, ignore_index, float(options["focal_gamma"]), class_weights)
+
+
+def ohem_term(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, options: dict[str, Any],
+              class_weights: Weights) -> torch.Tensor:
+    """`ohem` in a weighted sum (options: ohem_threshold, ohem_fraction; class_weights apply)."""
+    return ohem_loss(logits, target, ignore_index, float(options["ohem_threshold"]), float(options["ohem_fraction"]),
+                     class_weights)
+
+
 class CombinedLoss:
     """The weighted sum of named losses; `.last` holds each term's value of the latest call."""
 
@@ -104,27 +138,15 @@ class CombinedLoss:
             raise WsisegError(f"training.loss.class_weights has {len(weights)} values for {num_classes} classes; "
                               "give one per class")
         self.class_weights = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
+        self.terms: dict[str, Term] = {name: LOSSES.load(name) for name in self.weights}
         self.last: dict[str, float] = {}
 
-    def _term(self, name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        weights = self.class_weights.to(logits.device) if self.class_weights is not None else None
-        options = self.options
-        if name == "cross_entropy":
-            return cross_entropy(logits, target, self.ignore_index, weights)
-        if name == "dice":
-            return dice_loss(logits, target, self.ignore_index, float(options["smooth"]))
-        if name == "iou":
-            return iou_loss(logits, target, self.ignore_index, float(options["smooth"]))
-        if name == "focal":
-            return focal_loss(logits, target, self.ignore_index, float(options["focal_gamma"]), weights)
-        return ohem_loss(logits, target, self.ignore_index, float(options["ohem_threshold"]),
-                         float(options["ohem_fraction"]), weights)
-
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weights = self.class_weights.to(logits.device) if self.class_weights is not None else None
         total = logits.new_zeros((), dtype=torch.float32)
         self.last = {}
         for name, weight in self.weights.items():
-            value = self._term(name, logits, target)
+            value = self.terms[name](logits, target, self.ignore_index, self.options, weights)
             self.last[name] = float(value.detach())
             total = total + weight * value
         return total

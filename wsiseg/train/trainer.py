@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from wsiseg.config import dump_config, read_config
-from wsiseg.config_types import Config, TrainingConfig
+from wsiseg.config_types import Config
 from wsiseg.engine.predictors import SegmenterPredictor, autocast_dtype
 from wsiseg.devices import resolve_device
 from wsiseg.engine.image import ImageInference, predict_image, to_tensor
@@ -36,6 +36,7 @@ from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.train.augment import TrainTransform
 from wsiseg.train.data import SegmentationDataset, split_entries
 from wsiseg.train.losses import CombinedLoss
+from wsiseg.train.optim import build_optimizer, lr_factor
 
 log = get_logger("train")
 
@@ -96,35 +97,6 @@ def parameter_groups(model: nn.Module, lr: float, backbone_lr: float | None, wei
         out.append({"params": params, "lr": group_lr, "weight_decay": weight_decay if decay else 0.0,
                     "name": f"{part}{'' if decay else '_no_decay'}"})
     return out
-
-
-def build_optimizer(groups: list[dict[str, Any]], training: TrainingConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov unless training.nesterov is false), Adam or AdamW over the parameter groups."""
-    name = training.optimizer
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=training.lr, momentum=training.momentum,
-                               nesterov=training.nesterov and training.momentum > 0)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=training.lr)
-    return torch.optim.AdamW(groups, lr=training.lr)
-
-
-def lr_factor(step: int, training: TrainingConfig, steps_per_epoch: int) -> float:
-    """Learning-rate multiplier at optimiser step `step`: linear warmup, then cosine, step or poly."""
-    total = max(1, training.epochs * steps_per_epoch)
-    warmup = min(int(round(training.warmup_epochs * steps_per_epoch)), total - 1)
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    floor = training.min_lr_ratio
-    kind = training.scheduler
-    if kind == "cosine":
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if kind == "poly":
-        return floor + (1 - floor) * (1 - progress) ** training.poly_power
-    if kind == "step":
-        return training.step_gamma ** ((step // steps_per_epoch) // training.step_epochs)
-    return 1.0
 
 
 class Distributed:
