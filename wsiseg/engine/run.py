@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from wsiseg.engine.blend import BLEND_MODES, StripeSink
+from wsiseg.engine.image import MODES
 from wsiseg.engine.loader import parse_workers
 from wsiseg.engine.predictors import Predictor
 from wsiseg.engine.regions import predict_regions, tissue_regions
@@ -33,7 +34,6 @@ from wsiseg.store.masks import MaskStore
 
 log = get_logger("engine")
 
-MODES = ("windowslide", "resize")
 MASK_NAME = "mask.zarr"
 SUMMARY_NAME = "summary.json"
 LOG_NAME = "segment.log"
