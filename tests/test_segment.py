@@ -313,7 +313,7 @@ def test_batch_too_large_halves_and_says_so(predictor: SegmenterPredictor, caplo
 
 
 def test_background_label() -> None:
-    from wsiseg.engine.segment import background_label
+    from wsiseg.engine.settings import background_label
 
     assert background_label(["tumour", "Background", "stroma"]) == 1  # a class named like background
     assert background_label(["tumour", "stroma"]) == 0

@@ -15,7 +15,10 @@ as it is measured and appended to --out:
  5. engine    `run_slide` with W readers, eager and with the fastest option; the ratio to that
               option's bare forward (goal: >= 0.9); --prefetch sweeps the loader's prefetch depth at
               the largest W.
- 6. nvjpeg    the slide's own level-0 JPEG tiles decoded in batches on the GPU (torchvision.io) vs
+ 6. pinned    host-to-device copies of one loader batch (uint8, the loader's layout) from pageable and
+              from pinned memory, blocking and not, and the engine (eager, largest W) with the loader's
+              pinned batches switched off and on (loader.PIN_MEMORY).
+ 7. nvjpeg    the slide's own level-0 JPEG tiles decoded in batches on the GPU (torchvision.io) vs
               Pillow in threads: tiles/s, and the 512 px windows/s they would feed at stride 384.
 
 The model is a uni_v1-shaped ViT-L/16 with random weights and the fused decoder, 4 classes.
@@ -240,6 +243,43 @@ def engine(slide: Path, predictor: Any, mpp: float, size: int, batch_size: int, 
                      device=str(device), workers=workers, overwrite=True, exports=(), show_progress=False)
 
 
+def copy_rates(batch_size: int, size: int, device: Any, report: Report, repeats: int = 20) -> None:
+    """Host-to-device copies/s of one uint8 loader batch: pageable or pinned, blocking or not (CUDA only)."""
+    import torch
+
+    if device.type != "cuda":
+        report("pinned", measure="copy", skipped="no CUDA device: pinned memory only matters for copies to one")
+        return
+    for pinned in (False, True):
+        host = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, pin_memory=pinned)
+        for non_blocking in (False, True):
+            host.to(device, non_blocking=non_blocking)
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(repeats):
+                host.to(device, non_blocking=non_blocking)
+            synchronize(device)
+            seconds = (time.perf_counter() - started) / repeats
+            report("pinned", measure="copy", pinned=pinned, non_blocking=non_blocking, batch_size=batch_size,
+                   ms_per_batch=round(1000 * seconds, 3), gb_per_s=round(host.numel() / seconds / 1e9, 2))
+
+
+def pinned_engine(slide: Path, predictor: Any, mpp: float, size: int, batch_size: int, workers: int, device: Any,
+                  out: Path, report: Report) -> None:
+    """The engine with the loader's batches in pageable and in pinned memory (loader.PIN_MEMORY)."""
+    from wsiseg.engine import loader
+
+    default = loader.PIN_MEMORY
+    for pinned in (False, True):
+        loader.PIN_MEMORY = pinned
+        try:
+            summary = engine(slide, predictor, mpp, size, batch_size, workers, device, out)
+        finally:
+            loader.PIN_MEMORY = default
+        report("pinned", measure="engine", pinned=pinned, default=pinned == default, readers=workers,
+               tiles_per_s=round(summary["tiles_per_s"], 1))
+
+
 def jpeg_tiles(slide: Path, limit: int) -> list[bytes]:
     """The raw JPEG streams of the first `limit` level-0 tiles (shared JPEG tables merged in)."""
     import tifffile
@@ -298,11 +338,43 @@ def nvjpeg(slide: Path, device: Any, report: Report, limit: int, threads: int, s
            mean_abs_difference_vs_pillow=round(difference, 3))
 
 
+def engine_part(slide: Path, predictors: dict[str, Any], bare: dict[str, float], mpp: float, device: Any,
+                args: argparse.Namespace, report: Report) -> None:
+    """The engine at each reader count (eager and the fastest option), prefetch depths, pinned memory."""
+    from wsiseg.engine import loader
+
+    fastest = max((o for o in bare if o != "fp32"), key=bare.get, default=None)
+    runs = [("eager", w) for w in args.readers] if "eager" in bare else []
+    if fastest not in (None, "eager"):
+        runs += [(fastest, w) for w in args.readers]
+    for option, workers in runs:
+        summary = engine(slide, predictors[option], mpp, args.size, args.batch_size, workers, device,
+                         args.workdir / "engine_out")
+        report("engine", option=option, readers=workers, windows=summary["windows_run"],
+               tiles_per_s=round(summary["tiles_per_s"], 1), bare_tiles_per_s=round(bare[option], 1),
+               engine_vs_bare=round(summary["tiles_per_s"] / bare[option], 3), prefetch=loader.PREFETCH_BATCHES,
+               goal_met=summary["tiles_per_s"] >= 0.9 * bare[option], timings=summary["timings"])
+    default_depth = loader.PREFETCH_BATCHES
+    for depth in args.prefetch if "eager" in bare else []:
+        loader.PREFETCH_BATCHES = depth
+        try:
+            summary = engine(slide, predictors["eager"], mpp, args.size, args.batch_size, max(args.readers), device,
+                             args.workdir / "engine_out")
+        finally:
+            loader.PREFETCH_BATCHES = default_depth
+        report("prefetch", option="eager", readers=max(args.readers), prefetch=depth,
+               tiles_per_s=round(summary["tiles_per_s"], 1))
+
+    copy_rates(args.batch_size, args.size, device, report)
+    if "eager" in bare:
+        pinned_engine(slide, predictors["eager"], mpp, args.size, args.batch_size, max(args.readers), device,
+                      args.workdir / "engine_out", report)
+
+
 def main() -> None:
     import torch
 
     from bench_tile import make_mosaic
-    from wsiseg.engine import loader
     from wsiseg.engine.source import open_source
     from wsiseg.models.segmenter import build_segmenter
     from wsiseg.samples import cached_sample
@@ -371,27 +443,7 @@ def main() -> None:
         accuracy({k: v for k, v in predictors.items() if k in bare}, real_windows(
             slide, positions, args.size, mpp, args.accuracy_windows, device), args.batch_size, report)
 
-    fastest = max((o for o in bare if o != "fp32"), key=bare.get, default=None)
-    runs = [("eager", w) for w in args.readers] if "eager" in bare else []
-    if fastest not in (None, "eager"):
-        runs += [(fastest, w) for w in args.readers]
-    for option, workers in runs:
-        summary = engine(slide, predictors[option], mpp, args.size, args.batch_size, workers, device,
-                         args.workdir / "engine_out")
-        report("engine", option=option, readers=workers, windows=summary["windows_run"],
-               tiles_per_s=round(summary["tiles_per_s"], 1), bare_tiles_per_s=round(bare[option], 1),
-               engine_vs_bare=round(summary["tiles_per_s"] / bare[option], 3), prefetch=loader.PREFETCH_BATCHES,
-               goal_met=summary["tiles_per_s"] >= 0.9 * bare[option], timings=summary["timings"])
-    default_depth = loader.PREFETCH_BATCHES
-    for depth in args.prefetch if "eager" in bare else []:
-        loader.PREFETCH_BATCHES = depth
-        try:
-            summary = engine(slide, predictors["eager"], mpp, args.size, args.batch_size, max(args.readers), device,
-                             args.workdir / "engine_out")
-        finally:
-            loader.PREFETCH_BATCHES = default_depth
-        report("prefetch", option="eager", readers=max(args.readers), prefetch=depth,
-               tiles_per_s=round(summary["tiles_per_s"], 1))
+    engine_part(slide, predictors, bare, mpp, device, args, report)
 
     nvjpeg(slide, device, report, args.jpeg_tiles, min(16, multiprocessing.cpu_count()), args.size - round(0.25 * args.size))
 

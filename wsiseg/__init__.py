@@ -35,6 +35,8 @@ _API: dict[str, str] = {
     "segment_slide": "wsiseg.engine.segment:segment_slide",
     "segment_slides": "wsiseg.engine.segment:segment_slides",
     "run_slide": "wsiseg.engine.run:run_slide",
+    "RunSettings": "wsiseg.engine.settings:RunSettings",
+    "FsegOptions": "wsiseg.fseg.options:FsegOptions",
     "export_mask": "wsiseg.export.mask:export_mask",
     "evaluate_mask": "wsiseg.engine.evaluate:evaluate_mask",
     "MaskStore": "wsiseg.store.masks:MaskStore",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
 from wsiseg.choices import either
+from wsiseg.engine.settings import RunSettings
 from wsiseg.export.choices import DEFAULT_EXPORTS, EXPORTS, LABELS
 
 
@@ -18,24 +20,25 @@ from wsiseg.export.choices import DEFAULT_EXPORTS, EXPORTS, LABELS
               help="The training YAML [default: the config stored in the checkpoint].")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Output folder (one slide), or folder of <slide name>/ folders (several).")
-@click.option("--mode", type=click.Choice(["windowslide", "resize"]), default="windowslide", show_default=True)
+@click.option("--mode", type=click.Choice(["windowslide", "resize"]), default=RunSettings.mode, show_default=True)
 @click.option("--mpp", type=float, default=None, help="Segmentation MPP [default: dataset.mpp of the config].")
 @click.option("--slide-mpp", type=float, default=None, help="The slides' own MPP, where their metadata lacks it.")
 @click.option("--window", type=int, default=None, help="Window side in pixels [default: model.input_size].")
-@click.option("--overlap", type=float, default=0.25, show_default=True, help="Window overlap, a fraction of the window.")
-@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--workers", default="auto", show_default=True,
+@click.option("--overlap", type=float, default=RunSettings.overlap, show_default=True,
+              help="Window overlap, a fraction of the window.")
+@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default=RunSettings.blend, show_default=True)
+@click.option("--batch-size", type=int, default=RunSettings.batch_size, show_default=True)
+@click.option("--device", default=RunSettings.device, show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--workers", default=RunSettings.workers, show_default=True,
               help="Reader threads (auto: all cores but one on CUDA, 1 on CPU; 0: read in the main thread).")
 @click.option("--scheduler", default=None, help="dask.distributed scheduler address: one task per slide on GPU workers.")
 @click.option("--save-probabilities", is_flag=True, help="Also store the blended class probabilities (float16) in mask.zarr.")
 @click.option("--background", default=None, help="Background class name [default: a class named background, else 0].")
 @click.option("--export", "exports", default=",".join(DEFAULT_EXPORTS), show_default=True,
               help=f"Comma-separated exports written next to mask.zarr ({', '.join(EXPORTS)}; '' for none).")
-@click.option("--clip-to-tissue/--no-clip-to-tissue", default=True, show_default=True,
+@click.option("--clip-to-tissue/--no-clip-to-tissue", default=RunSettings.clip_to_tissue, show_default=True,
               help="Give pixels outside the tissue mask the background label, even inside a tissue window.")
-@click.option("--tissue", default="auto", show_default=True,
+@click.option("--tissue", default=RunSettings.tissue, show_default=True,
               help="auto (detect), all (the whole image), or a PNG/GeoJSON tissue mask of the slide.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="The PFM weights the checkpoint was trained on [default: model.pfm_weights_path of the config].")
@@ -43,10 +46,8 @@ from wsiseg.export.choices import DEFAULT_EXPORTS, EXPORTS, LABELS
 @click.option("--skip-errors", is_flag=True, help="Go on past slides that fail, and list them at the end.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def segment_command(
-    slides: tuple[Path, ...], checkpoint: Path, config: Path | None, out: Path, mode: str, mpp: float | None,
-    slide_mpp: float | None, window: int | None, overlap: float, blend: str, batch_size: int, device: str,
-    workers: str, scheduler: str | None, save_probabilities: bool, background: str | None, exports: str,
-    clip_to_tissue: bool, tissue: str, weights: Path | None, random_weights: bool, skip_errors: bool, overwrite: bool,
+    slides: tuple[Path, ...], checkpoint: Path, out: Path, scheduler: str | None, exports: str, skip_errors: bool,
+    **options: Any,
 ) -> None:
     """Segment SLIDES (slide files, images with --slide-mpp, or `wsiseg tile` stores) into label masks."""
     from wsiseg.driver import check_results, summary_table
@@ -55,11 +56,8 @@ def segment_command(
 
     setup_console_logging()
     results = segment_slides(
-        list(slides), checkpoint, out, skip_errors=skip_errors, scheduler=scheduler, config=config, mode=mode,
-        mpp=mpp, slide_mpp=slide_mpp, window=window, overlap=overlap, blend=blend, batch_size=batch_size,
-        device=device, workers=workers, overwrite=overwrite, save_probabilities=save_probabilities,
-        background=background, exports=tuple(e.strip() for e in exports.split(",") if e.strip()),
-        clip_to_tissue=clip_to_tissue, tissue=tissue, weights=weights, random_weights=random_weights,
+        list(slides), checkpoint, out, skip_errors=skip_errors, scheduler=scheduler,
+        exports=tuple(e.strip() for e in exports.split(",") if e.strip()), **options,
     )
     click.echo(summary_table(results, "windows"))
     check_results(results)

@@ -58,8 +58,8 @@ def first_argmax(scores: np.ndarray, out: np.ndarray) -> np.ndarray:
     """`np.argmax(scores, axis=0)` of (K, ...) float scores into the unsigned array `out`: the first maximum wins.
 
     One pass per class with vectorised ufuncs instead of a reduction over the outer axis (the slow
-    case of both numpy and torch on the CPU). The label is updated without branches: out += (k - out)
-    * (score > best), in wrapping unsigned arithmetic. NaN counts as the maximum, as in `np.argmax`.
+    case of both numpy and torch on the CPU). The label is updated without branches: every label so
+    far is below k, so out = max(out, k * (score > best)). NaN counts as the maximum, as in `np.argmax`.
     """
     best = scores[0].copy()
     greater = np.empty(best.shape, bool)
@@ -67,25 +67,31 @@ def first_argmax(scores: np.ndarray, out: np.ndarray) -> np.ndarray:
     out[...] = 0
     for k in range(1, scores.shape[0]):
         np.greater(scores[k], best, out=greater)
-        np.subtract(out.dtype.type(k), out, out=step)
-        np.multiply(step, greater, out=step, casting="unsafe")
-        out += step
+        np.multiply(greater, out.dtype.type(k), out=step)
+        np.maximum(out, step, out=out)
         np.maximum(best, scores[k], out=best)  # NaN propagates, so it shows in `best` below
-    if np.isnan(best).any():
+    if np.isnan(best.max()):
         out[...] = np.argmax(scores, axis=0)
     return out
 
 
 def finalise_numpy(
-    total: np.ndarray, weight_sum: np.ndarray, background: int, probabilities: np.ndarray | None = None
+    total: np.ndarray,
+    weight_sum: np.ndarray,
+    background: int,
+    probabilities: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    clear: bool = False,
 ) -> np.ndarray:
     """Labels of blended rows on the CPU: argmax of total / weight_sum, `background` where weight_sum is 0.
 
-    The normalised scores go to `probabilities` (K, rows, W) when given. Rows are done in blocks
-    that stay in the cache.
+    The normalised scores go to `probabilities` (K, rows, W) when given, the labels to `labels` when
+    given. Rows are done in blocks that stay in the cache; with `clear`, each block of `total` and
+    `weight_sum` is zeroed once read, while it is still in the cache.
     """
     num_outputs, rows, width = total.shape
-    labels = np.empty((rows, width), label_dtype(num_outputs))
+    if labels is None:
+        labels = np.empty((rows, width), label_dtype(num_outputs))
     block = max(1, FINALISE_BLOCK_PIXELS // max(width, 1))
     scratch = np.empty((num_outputs, min(block, rows), width), np.float32) if probabilities is None else None
     for r0 in range(0, rows, block):
@@ -96,6 +102,9 @@ def finalise_numpy(
         np.divide(total[:, r0:r1], np.where(uncovered, np.float32(1), weights), out=target)
         first_argmax(target, labels[r0:r1])
         np.copyto(labels[r0:r1], background, where=uncovered, casting="unsafe")
+        if clear:
+            total[:, r0:r1] = 0
+            weights[...] = 0
     return labels
 
 
@@ -114,13 +123,15 @@ def finalise_torch(total: Any, weight_sum: Any, background: int, keep_probabilit
 class StripeBlender:
     """Blend windows arriving in row order into finished row stripes, on any torch device.
 
-    The accumulator holds one window's height of rows. Windows are added with `add` in the
-    order of their top row; `next_row(y)` declares that every later window starts at row y or
-    below, which finalises the rows above y and hands them to `sink` (labels, and the
-    normalised scores when `keep_probabilities`); `close()` finalises the rest. `start_row` > 0
-    resumes a run whose rows above it are already written: contributions above it are dropped.
-    Per pixel, contributions are summed in the order the windows arrive, each product w * p
-    rounded to float32 before it is added, exactly as `blend_in_memory` does.
+    The accumulator holds one window's height of rows, as a ring: image row r lives in row
+    r % rows, so finishing rows moves nothing and clears them while they are in the cache. On the
+    CPU only the columns some window covered are finalised (the rest is background, scores 0, as
+    the reference gives). Windows are added with `add` in the order of their top row; `next_row(y)` declares that every later
+    window starts at row y or below, which finalises the rows above y and hands them to `sink`
+    (labels, and the normalised scores when `keep_probabilities`); `close()` finalises the rest.
+    `start_row` > 0 resumes a run whose rows above it are already written: contributions above it
+    are dropped. Per pixel, contributions are summed in the order the windows arrive, each product
+    w * p rounded to float32 before it is added, exactly as `blend_in_memory` does.
     """
 
     def __init__(
@@ -150,6 +161,14 @@ class StripeBlender:
         self.weight_sum = torch.zeros((rows, width), dtype=torch.float32, device=device)
         # w * p of one window, reused: no allocation per window
         self._product = torch.empty((num_outputs, *self.weights.shape), dtype=torch.float32, device=device)
+        self._spans: list[tuple[int, int, int]] = []  # (x0, x1, bottom row + 1) of the windows in the accumulator
+
+    def _ring(self, y0: int, count: int) -> list[tuple[int, int, int]]:
+        """Image rows y0..y0+count-1 (held by the accumulator) as ring slices: (start, stop, rows before it)."""
+        rows = self.total.shape[1]
+        start = y0 % rows
+        first = min(count, rows - start)
+        return [(start, start + first, 0)] + ([(0, count - first, first)] if first < count else [])
 
     def add(self, score: Any, x: int, y: int) -> None:
         """Add one window's scores (K, h, w) tensor at (x, y); rows above the accumulator are ignored."""
@@ -162,11 +181,24 @@ class StripeBlender:
         w = min(score.shape[2], self.width - x)
         if h <= 0 or w <= 0:
             return
-        weights = self.weights[skip : skip + h, :w]
-        product = self._product[:, :h, :w]
-        torch.mul(score[:, skip : skip + h, :w], weights, out=product)
-        self.total[:, :h, x : x + w].add_(product)
-        self.weight_sum[:h, x : x + w].add_(weights)
+        for start, stop, before in self._ring(self.top, h):
+            r0, r1 = skip + before, skip + before + stop - start  # the rows of the window
+            weights = self.weights[r0:r1, :w]
+            product = self._product[:, : r1 - r0, :w]
+            torch.mul(score[:, r0:r1, :w], weights, out=product)
+            self.total[:, start:stop, x : x + w].add_(product)
+            self.weight_sum[start:stop, x : x + w].add_(weights)
+        self._spans.append((x, x + w, self.top + h))
+
+    def _covered_columns(self) -> list[tuple[int, int]]:
+        """The column ranges (x0, x1) some window in the accumulator covers, merged, left to right."""
+        merged: list[list[int]] = []
+        for x0, x1, _ in sorted(self._spans):
+            if merged and x0 <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], x1)
+            else:
+                merged.append([x0, x1])
+        return [(x0, x1) for x0, x1 in merged]
 
     def next_row(self, y: int) -> None:
         """Every later window starts at row `y` or below: finalise and hand over the rows above it."""
@@ -174,29 +206,39 @@ class StripeBlender:
         rows = self.total.shape[1]
         while self.top < y:
             count = min(y - self.top, rows)
-            total, weight_sum = self.total[:, :count], self.weight_sum[:count]
+            pieces = self._ring(self.top, count)
             if self.total.device.type == "cpu":
-                probabilities = np.empty(total.shape, np.float32) if self.keep_probabilities else None
-                labels = finalise_numpy(total.numpy(), weight_sum.numpy(), self.background, probabilities)
+                labels, probabilities = self._finalise_cpu(pieces, count)
             else:
-                labels, probabilities = finalise_torch(total, weight_sum, self.background, self.keep_probabilities)
+                labels, probabilities = self._finalise_device(pieces)
             self.sink(self.top, labels, probabilities)
-            self._shift(count)
             self.top += count
+            self._spans = [span for span in self._spans if span[2] > self.top]
 
-    def _shift(self, count: int) -> None:
-        """Move the accumulator up by `count` finished rows and clear the rows freed at its bottom."""
-        rows = self.total.shape[1]
-        kept = rows - count
-        if kept > 0:
-            if kept <= count:  # source and destination rows do not overlap
-                self.total[:, :kept].copy_(self.total[:, count:])
-                self.weight_sum[:kept].copy_(self.weight_sum[count:])
-            else:
-                self.total[:, :kept] = self.total[:, count:].clone()
-                self.weight_sum[:kept] = self.weight_sum[count:].clone()
-        self.total[:, kept:].zero_()
-        self.weight_sum[kept:].zero_()
+    def _finalise_cpu(self, pieces: list[tuple[int, int, int]], count: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Labels (and scores) of the ring slices `pieces`, which are cleared for the rows that follow."""
+        total, weight_sum = self.total.numpy(), self.weight_sum.numpy()
+        labels = np.full((count, self.width), self.background, label_dtype(total.shape[0]))
+        probabilities = np.zeros((total.shape[0], count, self.width), np.float32) if self.keep_probabilities else None
+        for x0, x1 in self._covered_columns():
+            for start, stop, before in pieces:
+                part = slice(before, before + stop - start)
+                finalise_numpy(total[:, start:stop, x0:x1], weight_sum[start:stop, x0:x1], self.background,
+                               None if probabilities is None else probabilities[:, part, x0:x1], labels[part, x0:x1],
+                               clear=True)
+        return labels, probabilities
+
+    def _finalise_device(self, pieces: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray | None]:
+        """`_finalise_cpu` with torch ops on the accumulator's device."""
+        import torch
+
+        total = torch.cat([self.total[:, start:stop] for start, stop, _ in pieces], dim=1)
+        weight_sum = torch.cat([self.weight_sum[start:stop] for start, stop, _ in pieces])
+        result = finalise_torch(total, weight_sum, self.background, self.keep_probabilities)
+        for start, stop, _ in pieces:
+            self.total[:, start:stop].zero_()
+            self.weight_sum[start:stop].zero_()
+        return result
 
     def close(self) -> None:
         """Finalise every remaining row."""

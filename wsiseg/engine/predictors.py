@@ -19,7 +19,11 @@ log = get_logger("engine")
 
 @runtime_checkable
 class Predictor(Protocol):
-    """Turns (B, 3, h, w) float [0, 1] RGB on the device into (B, K, h, w) non-negative scores."""
+    """Turns (B, 3, h, w) float [0, 1] RGB on the device into (B, K, h, w) non-negative scores.
+
+    A predictor with a true `uint8_input` attribute gets the windows as read instead, (B, 3, h, w)
+    uint8 0-255, and converts them itself where it needs floats (or never, if it ignores them).
+    """
 
     num_outputs: int
     class_names: list[str]
@@ -82,12 +86,48 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+class FloatConverter:
+    """uint8 0-255 windows to float [0, 1] (x / 255 in float32) in one buffer reused from batch to batch.
+
+    The result keeps the input's memory layout (the loader's channels-last), as `x.float() / 255`
+    would: models give the same bits for the same layout. A fresh float batch each time would cost
+    a page fault per 4 KiB on the CPU (measured: 1.3 ms per 512 px window; 0.35 ms reused).
+    """
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The float windows of `pixels`, valid until the next call."""
+        import torch
+
+        buffer = self.buffer
+        if buffer is None or buffer.shape[0] < pixels.shape[0] or buffer.shape[1:] != pixels.shape[1:] \
+                or buffer.stride() != pixels.stride() or buffer.device != pixels.device:
+            buffer = self.buffer = torch.empty_like(pixels, dtype=torch.float32)
+        out = buffer[: pixels.shape[0]]
+        out.copy_(pixels)
+        return out.div_(255.0)
+
+
 class BatchRunner:
-    """Runs a predictor on batches, halving the batch (and remembering it) when the device runs out of memory."""
+    """Runs a predictor on batches, halving the batch (and remembering it) when the device runs out of memory.
+
+    uint8 batches (the loader's) are converted to float [0, 1] piece by piece, unless the predictor
+    takes `uint8_input`; float batches go to the predictor as they are.
+    """
 
     def __init__(self, predictor: Predictor, batch_size: int) -> None:
         self.predictor = predictor
         self.batch_size = batch_size
+        self.to_float = FloatConverter()
+
+    def _input(self, piece: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if piece.dtype != torch.uint8 or getattr(self.predictor, "uint8_input", False):
+            return piece
+        return self.to_float(piece)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Scores of the whole batch, computed in pieces of at most `batch_size`."""
@@ -97,7 +137,7 @@ class BatchRunner:
         while start < batch.shape[0]:
             piece = batch[start : start + self.batch_size]
             try:
-                pieces.append(self.predictor.predict(piece))
+                pieces.append(self.predictor.predict(self._input(piece)))
             except (RuntimeError, torch.OutOfMemoryError) as error:
                 if not _is_out_of_memory(error) or piece.shape[0] == 1:
                     raise

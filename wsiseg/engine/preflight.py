@@ -1,15 +1,14 @@
 """Checks made before torch, a model or a cluster is loaded, so a user error arrives within a second.
 
 `segment` and `fseg` call these first: every input opens and has an MPP, every output can be
-written, and the options are in range. What they accept here, the run accepts later.
+written (the options were checked when their `RunSettings` was built). What they accept here, the
+run accepts later.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from wsiseg.errors import WsisegError
 
@@ -38,48 +37,16 @@ def check_source(path: str | Path, slide_mpp: float | None = None) -> None:
         slide.mpp  # noqa: B018 - raises when the slide has no MPP and none was passed
 
 
-def check_positive(name: str, value: float | None) -> None:
-    """A WsisegError unless `value` is None or a finite positive number."""
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise WsisegError(f"{name} must be a positive number, got {value}")
-
-
-def check_run_options(
-    mode: str = "windowslide",
-    blend: str = "gaussian",
-    overlap: float = 0.25,
-    batch_size: int = 1,
-    workers: int | str = 0,
-    mpp: float | None = None,
-    slide_mpp: float | None = None,
-    window: int | None = None,
-    tissue: Any = "auto",
-) -> None:
-    """The engine options of `run_slide`, checked without opening anything."""
-    from wsiseg.engine.loader import parse_workers
-    from wsiseg.engine.run import check_loop_options
-    from wsiseg.slide.mask import check_tissue_option
-
-    check_loop_options(mode, blend, overlap, batch_size)
-    parse_workers(workers, "cpu")
-    check_positive("--mpp", mpp)
-    check_positive("--slide-mpp", slide_mpp)
-    if window is not None and window < 1:
-        raise WsisegError(f"--window must be at least 1 pixel, got {window}")
-    check_tissue_option(tissue)
-
-
-def check_outputs(folders: Sequence[Path], exports: Sequence[str], overwrite: bool) -> None:
-    """Every slide's folder can be written and the exports are known formats.
+def check_outputs(folders: Sequence[Path]) -> None:
+    """Every slide's folder can be written.
 
     Outputs already there are judged by the run (`finished_run`): a finished run with the same
     settings is skipped, one with other settings refused without `overwrite`.
     """
-    from wsiseg.engine.run import SUMMARY_NAME, output_paths
+    from wsiseg.engine.run import SUMMARY_NAME
     from wsiseg.outputs import check_writable
 
     for folder in folders:
-        output_paths(Path(folder), exports)
         check_writable(Path(folder) / SUMMARY_NAME, overwrite=True)
 
 

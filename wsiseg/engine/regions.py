@@ -16,6 +16,7 @@ import numpy as np
 from wsiseg.engine.blend import StripeSink, finalise_numpy
 from wsiseg.engine.image import resize_rows, resized_scores, resized_shape, to_tensor
 from wsiseg.engine.predictors import BatchRunner, Predictor
+from wsiseg.engine.settings import RunSettings
 from wsiseg.engine.source import SourceView
 from wsiseg.store.masks import MaskStore
 
@@ -74,12 +75,12 @@ def predict_regions(
     store: MaskStore,
     sink: StripeSink,
     predictor: Predictor,
-    settings: dict[str, Any],
+    settings: RunSettings,
     device: Any,
     advance: Any,
 ) -> int:
     """Resize mode: each tissue region predicted at the window size, its scores resized back; returns the count."""
-    window, mpp = settings["window"], settings["mpp"]
+    window, mpp = settings.window, settings.mpp
     runner = BatchRunner(predictor, 1)
     multiple = int(getattr(predictor, "input_multiple", 1) or 1)
     low_res = []
@@ -88,5 +89,5 @@ def predict_regions(
         shape = resized_shape(region[3], region[2], window, multiple)
         low_res.append(resized_scores(to_tensor(pixels, device), runner, shape).cpu())
         advance(1)
-    write_stripes(view, regions, low_res, store, sink, predictor.num_outputs, settings["background"])
+    write_stripes(view, regions, low_res, store, sink, predictor.num_outputs, settings.background)
     return len(regions)

@@ -12,24 +12,26 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from wsiseg.engine.blend import BLEND_MODES, StripeSink
-from wsiseg.engine.image import MODES
+from wsiseg.engine.blend import StripeSink
 from wsiseg.engine.loader import parse_workers
 from wsiseg.engine.predictors import Predictor
 from wsiseg.engine.regions import predict_regions, tissue_regions
+from wsiseg.engine.settings import RunSettings, background_label, check_exports
 from wsiseg.engine.source import SourceView, open_source
 from wsiseg.engine.windows import predict_windows
 from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
-from wsiseg.export.choices import DEFAULT_EXPORTS, EXPORTS
+from wsiseg.export.choices import EXPORTS
 from wsiseg.outputs import check_writable, finish_publish, partial_path, publish_together, remove
 from wsiseg.progress import get_logger, log_to_file, progress_bar
-from wsiseg.slide.grid import Frame
+from wsiseg.slide.grid import Frame, Grid
 from wsiseg.store.masks import MaskStore
 
 log = get_logger("engine")
@@ -42,10 +44,9 @@ FORMAT_VERSION = 1
 
 def output_paths(out_dir: Path, exports: Sequence[str]) -> dict[str, Path]:
     """Final paths of every output of a run."""
+    check_exports(exports)
     paths = {"mask": out_dir / MASK_NAME, "summary": out_dir / SUMMARY_NAME}
     for fmt in exports:
-        if fmt not in EXPORTS:
-            raise WsisegError(f"unknown export format {fmt!r}: use any of {', '.join(EXPORTS)}")
         paths[fmt] = out_dir / EXPORTS.detail(fmt)
     return paths
 
@@ -92,6 +93,16 @@ def tissue_clipped(sink: StripeSink, tissue: Any, mpp: float, width: int, backgr
     return write
 
 
+def fingerprint_settings(settings: RunSettings, stride: int, model_info: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide a run's output (what a resumed or reused run must share)."""
+    return {
+        "mode": settings.mode, "mpp": float(settings.mpp), "window": int(settings.window), "stride": stride,
+        "blend": settings.blend, "background": int(settings.background),
+        "probabilities": bool(settings.save_probabilities), "model": model_info,
+        "clip_to_tissue": bool(settings.clip_to_tissue), "tissue": str(settings.tissue),
+    }
+
+
 def _fingerprint(view: SourceView, settings: dict[str, Any], predictor: Predictor) -> dict[str, Any]:
     stat = view.path.stat() if view.path.is_file() else None
     return {
@@ -128,160 +139,184 @@ def finished_run(out_dir: Path, fingerprint: dict[str, Any], overwrite: bool) ->
     )
 
 
-def check_loop_options(mode: str, blend: str, overlap: float, batch_size: int) -> None:
-    """Refuse a mode, blend, overlap or batch size the slide loop cannot take."""
-    if mode not in MODES:
-        raise WsisegError(f"unknown mode {mode!r}: use {' or '.join(MODES)}")
-    if blend not in BLEND_MODES:
-        raise WsisegError(f"unknown blend {blend!r}: use {' or '.join(BLEND_MODES)}")
-    if not 0 <= overlap < 1:
-        raise WsisegError(f"--overlap must be a fraction of the window in [0, 1), got {overlap}")
-    if batch_size < 1:
-        raise WsisegError(f"--batch-size must be at least 1, got {batch_size}")
+def for_predictor(settings: RunSettings, predictor: Predictor) -> RunSettings:
+    """`settings` checked against the model: MPP and window given, the window a multiple of its patch
+    size, and the background resolved to one of its labels."""
+    if settings.mpp is None or settings.window is None:
+        raise WsisegError("a slide run needs an MPP and a window: pass mpp= and window= "
+                          "(segment_slide and fseg_slide take them from the model)")
+    multiple = int(getattr(predictor, "input_multiple", 1) or 1)
+    if settings.window % multiple:
+        lower = max(multiple, settings.window // multiple * multiple)
+        raise WsisegError(
+            f"window {settings.window} is not a multiple of the model's patch size {multiple}: "
+            f"use {lower} or {lower + multiple}"
+        )
+    return settings.replace(background=background_label(predictor.class_names, settings.background))
+
+
+@dataclass
+class SlideRun:
+    """One slide's run once its source is open: what it reads, with what, and where it writes."""
+
+    view: SourceView
+    predictor: Predictor
+    settings: RunSettings  # `for_predictor`'s: MPP, window and background label known
+    grid: Grid
+    paths: dict[str, Path]
+    device: Any
+    model_info: dict[str, Any]
+    started: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @cached_property
+    def loop_settings(self) -> dict[str, Any]:
+        return fingerprint_settings(self.settings, self.grid.stride, self.model_info)
+
+    @cached_property
+    def fingerprint(self) -> dict[str, Any]:
+        """The run's fingerprint as summary.json records it (JSON types)."""
+        fingerprint = _fingerprint(self.view, self.loop_settings, self.predictor)
+        return json.loads(json.dumps({**fingerprint, "exports": list(self.settings.exports)}))
+
+    def timed(self, name: str, tick: float) -> None:
+        self.timings[name] = time.perf_counter() - tick
 
 
 def run_slide(
     source: Any,
     predictor: Predictor,
     out_dir: Path | str,
-    mpp: float,
-    window: int,
-    overlap: float = 0.25,
-    blend: str = "gaussian",
-    batch_size: int = 16,
-    device: str | None = "auto",
-    workers: int | str = "auto",
-    mode: str = "windowslide",
-    background: int = 0,
-    slide_mpp: float | None = None,
-    overwrite: bool = False,
-    save_probabilities: bool = False,
-    exports: Sequence[str] = DEFAULT_EXPORTS,
+    settings: RunSettings | None = None,
     model_info: dict[str, Any] | None = None,
-    show_progress: bool = True,
-    chunk: int = 512,
-    clip_to_tissue: bool = True,
-    tissue: Any = "auto",
+    torch_device: Any = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Segment one slide or tile store with `predictor` into `out_dir`; returns the run summary.
 
-    Outputs: mask.zarr (always), the `exports` (mask.tif, mask.ome.tif, overlay.png,
-    mask.geojson) and summary.json; the log goes to segment.log. A partial run left in
-    `out_dir` by an interrupted run with the same settings is resumed. `chunk` is the side of
-    the mask store's chunks, which is also the granularity of resuming. With `clip_to_tissue`,
-    pixels outside the tissue mask get the background label even inside a tissue window. `tissue` is
-    the --tissue option: auto (detect; a tile store's own mask), all (the whole image) or a mask file.
-    A source without tissue windows is an error, never an empty "ok".
+    `settings` (a `RunSettings`; `options` override its fields by name, e.g. `mpp=2.0, window=256`)
+    must give the MPP and window. `torch_device`: the device `settings.device` names, when the
+    caller has resolved it already (to load its model there). Outputs: mask.zarr (always), the exports (mask.tif, mask.ome.tif, overlay.png, mask.geojson)
+    and summary.json; the log goes to segment.log. A partial run left in `out_dir` by an
+    interrupted run with the same settings is resumed. A source without tissue windows is an
+    error, never an empty "ok".
     """
     started = time.perf_counter()
     bound_heap_growth()
     out_dir = Path(out_dir)
-    check_loop_options(mode, blend, overlap, batch_size)
-    multiple = int(getattr(predictor, "input_multiple", 1) or 1)
-    if window % multiple:
-        lower = max(multiple, window // multiple * multiple)
-        raise WsisegError(
-            f"window {window} is not a multiple of the model's patch size {multiple}: use {lower} or {lower + multiple}"
-        )
-    if not 0 <= background < predictor.num_outputs:
-        raise WsisegError(f"background label {background} is not one of the {predictor.num_outputs} classes")
-    paths = output_paths(out_dir, exports)
-    torch_device = resolve_device(device)
-    workers = parse_workers(workers, torch_device)
-    view = open_source(source, mpp, slide_mpp, tissue)
+    settings = for_predictor(RunSettings.build(settings, **options), predictor)
+    paths = output_paths(out_dir, settings.exports)
+    device = resolve_device(settings.device) if torch_device is None else torch_device
+    view = open_source(source, settings.mpp, settings.slide_mpp, settings.tissue)
     try:
         check_writable(paths["summary"], overwrite=True)  # the folder: existing outputs are judged below
-        stride = max(1, window - round(overlap * window))
-        settings = {
-            "mode": mode, "mpp": float(mpp), "window": int(window), "stride": stride, "blend": blend,
-            "background": int(background), "probabilities": bool(save_probabilities), "model": model_info or {},
-            "clip_to_tissue": bool(clip_to_tissue), "tissue": str(tissue),
-        }
-        fingerprint = json.loads(json.dumps({**_fingerprint(view, settings, predictor), "exports": list(exports)}))
-        finished = finished_run(out_dir, fingerprint, overwrite)
+        grid = Grid.from_overlap(view.width, view.height, settings.window, settings.overlap)
+        run = SlideRun(view, predictor, settings, grid, paths, device, model_info or {}, started)
+        finished = finished_run(out_dir, run.fingerprint, settings.overwrite)
         if finished is not None:
             log.info("%s: finished by an earlier run with the same settings (%s): skipped", view.path.name, out_dir)
             return {**finished, "reused": True}
-
         with log_to_file(out_dir / LOG_NAME):
-            log.info("segmenting %s (%s) at %g MPP: %dx%d px, %s mode", view.path, view.kind, mpp, view.width,
-                     view.height, mode)
-            timings: dict[str, float] = {}
-            tick = time.perf_counter()
-            mask = view.tissue()
-            check_tissue(view, mask, mpp)
-            timings["tissue_s"] = time.perf_counter() - tick
-            # read before the loop, while no reader thread or stripe buffer is alive, so the read's
-            # transient buffers (a few hundred MB on large slides) never stack on the loop's memory
-            thumbnail = view.thumbnail() if "png" in exports else None
-            store = MaskStore.resume_or_create(
-                partial_path(paths["mask"]),
-                _fingerprint(view, settings, predictor),
-                Frame(view.width, view.height, mpp, view.slide_mpp, view.origin), class_names=predictor.class_names,
-                colors=predictor.colors, source=str(view.path.resolve()),
-                probabilities=save_probabilities, background=background, chunk=chunk,
-            )
-            resumed_from = store.rows_done
-            sink = tissue_clipped(store.write_rows, mask, mpp, view.width, background) if clip_to_tissue else store.write_rows
-            if resumed_from:
-                log.info("resuming: rows 0..%d of %d were finished by an earlier run", resumed_from, view.height)
-
-            tick = time.perf_counter()
-            if mode == "windowslide":
-                from wsiseg.slide.grid import Grid
-
-                grid = Grid(view.width, view.height, window, stride)
-                positions = grid.tissue_positions(mask, mpp)
-                total = len(positions)
-                log.info("%d of %d windows hold tissue (%d px, stride %d)", total, len(grid), window, stride)
-                with progress_bar(total, f"segment {view.path.name}", "tiles", disable=not show_progress) as advance:
-                    run_count = predict_windows(
-                        view, positions, store, sink, predictor, settings, torch_device, workers, batch_size, advance
-                    )
-                grid_total = len(grid)
-            else:
-                regions = tissue_regions(mask, mpp, view.width, view.height)
-                total = grid_total = len(regions)
-                log.info("%d tissue regions, each resized to %d px", total, window)
-                with progress_bar(total, f"segment {view.path.name}", "regions", disable=not show_progress) as advance:
-                    run_count = predict_regions(view, regions, store, sink, predictor, settings, torch_device, advance)
-            timings["predict_s"] = time.perf_counter() - tick
-
-            tick = time.perf_counter()
-            store.finish()
-            timings["pyramid_s"] = time.perf_counter() - tick
-
-            tick = time.perf_counter()
-            from wsiseg.export.mask import write_export
-
-            written = []
-            for fmt in exports:
-                partial = partial_path(paths[fmt])
-                remove(partial)
-                write_export(store, fmt, partial, thumbnail)
-                written.append((partial, paths[fmt]))
-            timings["exports_s"] = time.perf_counter() - tick
-            timings["total_s"] = time.perf_counter() - started
-
-            summary = {
-                "source": str(view.path), "source_kind": view.kind, "model": model_info or {},
-                "classes": list(predictor.class_names), "mode": mode, "mpp": mpp, "slide_mpp": view.slide_mpp,
-                "width": view.width, "height": view.height, "window": window, "stride": stride,
-                "overlap": overlap, "blend": blend, "batch_size": batch_size, "device": str(torch_device),
-                "windows_total": grid_total, "windows_tissue": total, "windows_run": run_count,
-                "resumed_from_row": resumed_from, "tissue_fraction": float(mask.fraction),
-                "tiles_per_s": run_count / timings["predict_s"] if timings["predict_s"] > 0 else None,
-                "timings": {k: round(v, 3) for k, v in timings.items()},
-                "class_area_mm2": store.class_areas_mm2(),
-                "outputs": {name: str(path) for name, path in paths.items()},
-                "fingerprint": fingerprint,
-            }
-            moves = [*written, (store.path, paths["mask"])]
-            publish_together(out_dir, moves, paths["summary"], json.dumps(summary, indent=2))
-            rate = summary["tiles_per_s"]
-            log.info("done in %.1f s (%s windows/s); outputs in %s", timings["total_s"],
-                     f"{rate:.1f}" if rate is not None else "-", out_dir)
-        return summary
+            return _produce(run, out_dir)
     finally:
         if isinstance(source, (str, Path)):
             view.reader.close()
+
+
+def _produce(run: SlideRun, out_dir: Path) -> dict[str, Any]:
+    """Tissue, prediction, pyramid, exports and summary of a run that is not finished yet."""
+    view, settings = run.view, run.settings
+    log.info("segmenting %s (%s) at %g MPP: %dx%d px, %s mode", view.path, view.kind, settings.mpp, view.width,
+             view.height, settings.mode)
+    tick = time.perf_counter()
+    mask = view.tissue()
+    check_tissue(view, mask, settings.mpp)
+    run.timed("tissue_s", tick)
+    # read before the loop, while no reader thread or stripe buffer is alive, so the read's
+    # transient buffers (a few hundred MB on large slides) never stack on the loop's memory
+    thumbnail = view.thumbnail() if "png" in settings.exports else None
+    store = MaskStore.resume_or_create(
+        partial_path(run.paths["mask"]),
+        _fingerprint(view, run.loop_settings, run.predictor),
+        Frame(view.width, view.height, settings.mpp, view.slide_mpp, view.origin),
+        class_names=run.predictor.class_names, colors=run.predictor.colors, source=str(view.path.resolve()),
+        probabilities=settings.save_probabilities, background=settings.background, chunk=settings.chunk,
+    )
+    resumed_from = store.rows_done
+    if resumed_from:
+        log.info("resuming: rows 0..%d of %d were finished by an earlier run", resumed_from, view.height)
+    tick = time.perf_counter()
+    counts = _predict(run, mask, store)
+    run.timed("predict_s", tick)
+    tick = time.perf_counter()
+    store.finish()
+    run.timed("pyramid_s", tick)
+    written = _write_exports(run, store, thumbnail)
+    run.timed("total_s", run.started)
+    summary = _summary(run, counts, resumed_from, mask, store)
+    moves = [*written, (store.path, run.paths["mask"])]
+    publish_together(out_dir, moves, run.paths["summary"], json.dumps(summary, indent=2))
+    rate = summary["tiles_per_s"]
+    log.info("done in %.1f s (%s windows/s); outputs in %s", run.timings["total_s"],
+             f"{rate:.1f}" if rate is not None else "-", out_dir)
+    return summary
+
+
+def _predict(run: SlideRun, mask: Any, store: MaskStore) -> tuple[int, int, int]:
+    """Every tissue window (or region) through the predictor into `store`: (windows in all, with tissue, run)."""
+    view, settings = run.view, run.settings
+    sink = store.write_rows
+    if settings.clip_to_tissue:
+        sink = tissue_clipped(store.write_rows, mask, settings.mpp, view.width, settings.background)
+    label = f"segment {view.path.name}"
+    if settings.mode == "windowslide":
+        positions = run.grid.tissue_positions(mask, settings.mpp)
+        log.info("%d of %d windows hold tissue (%d px, stride %d)", len(positions), len(run.grid), settings.window,
+                 run.grid.stride)
+        workers = parse_workers(settings.workers, run.device)
+        with progress_bar(len(positions), label, "tiles", disable=not settings.show_progress) as advance:
+            count = predict_windows(view, positions, store, sink, run.predictor, settings, run.device, workers,
+                                    settings.batch_size, advance)
+        return len(run.grid), len(positions), count
+    regions = tissue_regions(mask, settings.mpp, view.width, view.height)
+    log.info("%d tissue regions, each resized to %d px", len(regions), settings.window)
+    with progress_bar(len(regions), label, "regions", disable=not settings.show_progress) as advance:
+        count = predict_regions(view, regions, store, sink, run.predictor, settings, run.device, advance)
+    return len(regions), len(regions), count
+
+
+def _write_exports(run: SlideRun, store: MaskStore, thumbnail: Any) -> list[tuple[Path, Path]]:
+    """Every export under its partial name: (partial, final) pairs for the publish."""
+    from wsiseg.export.mask import write_export
+
+    tick = time.perf_counter()
+    written = []
+    for fmt in run.settings.exports:
+        partial = partial_path(run.paths[fmt])
+        remove(partial)
+        write_export(store, fmt, partial, thumbnail)
+        written.append((partial, run.paths[fmt]))
+    run.timed("exports_s", tick)
+    return written
+
+
+def _summary(
+    run: SlideRun, counts: tuple[int, int, int], resumed_from: int, mask: Any, store: MaskStore
+) -> dict[str, Any]:
+    """summary.json: what was run, on what, how fast, and the outputs (its fingerprint marks it finished)."""
+    view, settings, timings = run.view, run.settings, run.timings
+    grid_total, total, run_count = counts
+    return {
+        "source": str(view.path), "source_kind": view.kind, "model": run.model_info,
+        "classes": list(run.predictor.class_names), "mode": settings.mode, "mpp": settings.mpp,
+        "slide_mpp": view.slide_mpp, "width": view.width, "height": view.height, "window": settings.window,
+        "stride": run.grid.stride, "overlap": settings.overlap, "blend": settings.blend,
+        "batch_size": settings.batch_size, "device": str(run.device),
+        "windows_total": grid_total, "windows_tissue": total, "windows_run": run_count,
+        "resumed_from_row": resumed_from, "tissue_fraction": float(mask.fraction),
+        "tiles_per_s": run_count / timings["predict_s"] if timings["predict_s"] > 0 else None,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "class_area_mm2": store.class_areas_mm2(),
+        "outputs": {name: str(path) for name, path in run.paths.items()},
+        "fingerprint": run.fingerprint,
+    }

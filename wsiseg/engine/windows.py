@@ -8,6 +8,7 @@ from typing import Any
 
 from wsiseg.engine.blend import StripeBlender, StripeSink, window_weights
 from wsiseg.engine.predictors import BatchRunner, Predictor
+from wsiseg.engine.settings import RunSettings
 from wsiseg.engine.source import SourceView
 from wsiseg.store.masks import MaskStore
 
@@ -49,7 +50,7 @@ def predict_windows(
     store: MaskStore,
     sink: StripeSink,
     predictor: Predictor,
-    settings: dict[str, Any],
+    settings: RunSettings,
     device: Any,
     workers: int,
     batch_size: int,
@@ -58,15 +59,15 @@ def predict_windows(
     """Windowslide: blend every window from the first one still needed; returns windows run."""
     from wsiseg.engine.loader import iterate_batches
 
-    window, mpp = settings["window"], settings["mpp"]
+    window, mpp = settings.window, settings.mpp
     start_row = store.rows_done
     first_needed = next((i for i, (_, y) in enumerate(positions) if y + window > start_row), len(positions))
     first_batch = first_needed // batch_size
     advance(first_batch * batch_size)
     writer = BackgroundWriter(sink)
     blender = StripeBlender(
-        view.width, view.height, window, predictor.num_outputs, window_weights(window, settings["blend"]),
-        writer, background=settings["background"], start_row=start_row, device=device,
+        view.width, view.height, window, predictor.num_outputs, window_weights(window, settings.blend),
+        writer, background=settings.background, start_row=start_row, device=device,
         keep_probabilities=store.probabilities is not None,
     )
     runner = BatchRunner(predictor, batch_size)

@@ -7,18 +7,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from wsiseg.devices import resolve_device
+from wsiseg.engine.settings import RunSettings
 from wsiseg.errors import WsisegError
 from wsiseg.fseg.concepts import ConceptBank, load_bank, save_bank
-from wsiseg.fseg.features import DEFAULT_LAYER, DEFAULT_MODEL, FeatureExtractor, load_extractor
-from wsiseg.fseg.modes import MODES
+from wsiseg.fseg.features import FeatureExtractor, load_extractor
+from wsiseg.fseg.options import BANK_NAME, DEFAULT_KS, FsegOptions, fseg_request, with_defaults
 from wsiseg.progress import get_logger
 
 log = get_logger("fseg")
-
-DEFAULT_KS = (8, 16, 32, 64)
-DEFAULT_MPP = 0.5
-DEFAULT_WINDOW = 512
-BANK_NAME = "concepts.safetensors"
 
 
 def _paths(slides: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -30,14 +27,14 @@ def _paths(slides: str | Path | Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def _open(paths: list[Path], mpp: float, slide_mpp: float | None, tissue: str | Path = "auto") -> list[Any]:
-    """Engine source views (slide files or `wsiseg tile` stores) at `mpp`, with the --tissue option."""
+def _open(paths: list[Path], settings: RunSettings) -> list[Any]:
+    """Engine source views (slide files or `wsiseg tile` stores) at the settings' MPP, with their --tissue."""
     from wsiseg.engine.source import open_source
 
     views: list[Any] = []
     try:
         for path in paths:
-            views.append(open_source(path, mpp, slide_mpp, tissue))
+            views.append(open_source(path, settings.mpp, settings.slide_mpp, settings.tissue))
     except BaseException:
         _close(views)
         raise
@@ -64,8 +61,7 @@ def _fit(
     views: list[Any],
     extractor: FeatureExtractor,
     ks: Sequence[int],
-    mpp: float,
-    window: int,
+    settings: RunSettings,
     max_windows: int,
     max_tokens: int,
     seed: int,
@@ -75,6 +71,7 @@ def _fit(
     from wsiseg.fseg.kmeans import multi_kmeans
     from wsiseg.fseg.sampling import sample_tokens
 
+    mpp, window = settings.mpp, settings.window
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise WsisegError(f"--k values must be positive integers, got {ks}")
@@ -101,147 +98,135 @@ def fit_concepts(
     slides: str | Path | Sequence[str | Path],
     out: str | Path | None = None,
     ks: Sequence[int] = DEFAULT_KS,
-    model: str = DEFAULT_MODEL,
-    weights: str | Path | None = None,
-    layer: int = DEFAULT_LAYER,
-    mpp: float = DEFAULT_MPP,
-    slide_mpp: float | None = None,
-    window: int = DEFAULT_WINDOW,
     max_windows: int = 64,
     max_tokens: int = 50_000,
-    device: str = "auto",
-    seed: int = 0,
-    overwrite: bool = False,
-    tissue: str | Path = "auto",
-    random_weights: bool = False,
+    settings: RunSettings | None = None,
+    fseg: FsegOptions | None = None,
+    **options: Any,
 ) -> ConceptBank:
     """Fit a concept bank (k-means centres of token features, every k in one pass) on the tissue of slides.
 
-    The bank is written to `out` (safetensors) when given, and returned. A registry PFM needs
-    `weights` (`random_weights` allows an untrained one, for tests).
+    `options` are fields of `RunSettings` (mpp, slide_mpp, window, device, tissue, overwrite) and of
+    `FsegOptions` (model, weights, layer, seed, random_weights). The bank is written to `out`
+    (safetensors) when given, and returned. A registry PFM needs `weights` (`random_weights`
+    allows an untrained one, for tests).
     """
-    from wsiseg.engine.preflight import check_positive, check_weights
+    from wsiseg.engine.preflight import check_weights
     from wsiseg.outputs import check_writable
-    from wsiseg.slide.mask import check_tissue_option
 
+    settings, fseg = with_defaults(*fseg_request(settings, fseg, options))
     paths = _paths(slides)
-    check_tissue_option(tissue)
-    check_positive("--mpp", mpp)
-    check_weights(model, weights, random_weights)
+    check_weights(fseg.model, fseg.weights, fseg.random_weights)
     if out is not None:
-        check_writable(Path(out), overwrite)
-    opened = _open(paths, mpp, slide_mpp, tissue)
+        check_writable(Path(out), settings.overwrite)
+    opened = _open(paths, settings)
     try:
-        extractor = load_extractor(model, weights, layer, device)
-        _check_window(extractor, window)
-        bank = _fit(opened, extractor, ks, mpp, window, max_windows, max_tokens, seed)
+        extractor = load_extractor(fseg.model, fseg.weights, fseg.layer, settings.device)
+        _check_window(extractor, settings.window)
+        bank = _fit(opened, extractor, ks, settings, max_windows, max_tokens, fseg.seed)
         if out is not None:
-            save_bank(bank, Path(out), overwrite=overwrite)
+            save_bank(bank, Path(out), overwrite=settings.overwrite)
             log.info("concept bank written to %s", out)
         return bank
     finally:
         _close(opened)
 
 
-def fseg_slide(
-    slides: str | Path | Sequence[str | Path],
-    out: str | Path,
-    k: int = 8,
-    model: str | None = None,
-    weights: str | Path | None = None,
-    bank: str | Path | ConceptBank | None = None,
-    mode: str = "project",
-    scale_before_argmax: bool = False,
-    layer: int | None = None,
-    mpp: float | None = None,
-    slide_mpp: float | None = None,
-    window: int | None = None,
-    overlap: float = 0.25,
-    batch_size: int = 8,
-    device: str = "auto",
-    fit_windows: int = 64,
-    seed: int = 0,
-    overwrite: bool = False,
-    tissue: str | Path = "auto",
-    random_weights: bool = False,
-    **engine_options: Any,
-) -> list[dict[str, Any]]:
-    """Segment slides into k concepts: project token features on a bank, blend, argmax, write outputs.
+def _with_bank(
+    settings: RunSettings, fseg: FsegOptions, bank: ConceptBank | None
+) -> tuple[RunSettings, FsegOptions]:
+    """Backbone, layer, MPP and window the call leaves open taken from the bank, else the defaults."""
+    if bank is not None:
+        layer = fseg.layer if fseg.layer is not None else (int(bank.layer) if bank.layer is not None else None)
+        fseg = fseg.replace(model=fseg.model or bank.model, layer=layer)
+        settings = settings.replace(mpp=settings.mpp or bank.mpp, window=settings.window or bank.window)
+        bank.projection_concepts(fseg.k)  # k not in the bank, NaN: refuse before any heavy work
+        if bank.model is not None and fseg.model != bank.model:
+            bank.check_compatible(fseg.model, bank.feature_dim)
+    return with_defaults(settings, fseg)
 
-    Without `bank`, k concepts are first fitted on the tissue of the given slides (together, so
-    labels agree across them) and saved as `out`/concepts.safetensors. Model, layer, MPP and
-    window default to the bank's when it records them. One output folder per slide under `out`
-    when several slides are given, else `out` itself. `tissue`: auto (detect), all (the whole
-    image) or a PNG/GeoJSON mask file. A registry PFM needs `weights` (`random_weights` allows an
-    untrained one, for tests). Everything a user can get wrong is checked before the model loads.
-    Returns the engine's summaries.
-    """
-    from wsiseg.engine.preflight import check_outputs, check_run_options, check_source, check_weights
-    from wsiseg.engine.run import DEFAULT_EXPORTS, run_slide
-    from wsiseg.fseg.predictor import FsegPredictor
 
-    if mode not in MODES:
-        raise WsisegError(f"unknown --mode {mode!r}: use one of {', '.join(MODES)}")
-    if k < 1:
-        raise WsisegError(f"--k must be a positive integer, got {k}")
-    paths = _paths(slides)
-    out = Path(out)
-    loaded = load_bank(Path(bank)) if isinstance(bank, (str, Path)) else bank
-    concepts = None
-    if loaded is not None:
-        model = model or loaded.model
-        layer = layer if layer is not None else (int(loaded.layer) if loaded.layer is not None else None)
-        mpp = mpp or loaded.mpp
-        window = window or loaded.window
-        concepts = loaded.projection_concepts(k)  # k not in the bank, NaN: refuse before any heavy work
-        if loaded.model is not None and model != loaded.model:
-            loaded.check_compatible(model, loaded.feature_dim)
-    model = model or DEFAULT_MODEL
-    layer = DEFAULT_LAYER if layer is None else layer
-    mpp = mpp or DEFAULT_MPP
-    window = window or DEFAULT_WINDOW
-    engine_checked = {key: engine_options[key] for key in ("blend", "workers") if key in engine_options}
-    check_run_options(overlap=overlap, batch_size=batch_size, mpp=mpp, slide_mpp=slide_mpp, window=window,
-                      tissue=tissue, **engine_checked)
-    check_weights(model, weights, random_weights)
+def _targets(paths: list[Path], out: Path, settings: RunSettings, fseg: FsegOptions) -> list[Path]:
+    """The output folder of each slide, once weights, slides and folders are checked."""
+    from wsiseg.engine.preflight import check_outputs, check_source, check_weights
+
+    check_weights(fseg.model, fseg.weights, fseg.random_weights)
     for path in paths:
-        check_source(path, slide_mpp)
+        check_source(path, settings.slide_mpp)
     targets = [out] if len(paths) == 1 else [out / p.stem for p in paths]
     if len({t.name for t in targets}) != len(targets):
         raise WsisegError("several slides share a file name: run them into separate --out folders")
-    check_outputs(targets, engine_options.get("exports", DEFAULT_EXPORTS), overwrite)
-    opened = _open(paths, mpp, slide_mpp, tissue)
-    try:
-        from wsiseg.fseg.sampling import tissue_windows
+    check_outputs(targets)
+    return targets
 
-        for view in opened:
-            if not tissue_windows(view, window, mpp):
-                raise WsisegError(f"no tissue found in {view.path}: check the slide, or pass --tissue all or a mask file")
-        extractor = load_extractor(model, weights, layer, device)
-        _check_window(extractor, window)
-        if loaded is None:
-            loaded = _fit(opened, extractor, [k], mpp, window, fit_windows, 50_000, seed)
-            bank_path = out / BANK_NAME
-            out.mkdir(parents=True, exist_ok=True)
-            save_bank(loaded, bank_path, overwrite=True)
-            log.info("fitted k=%d concepts on the slide(s): saved as %s (reuse it with --bank)", k, bank_path)
-            concepts = loaded.projection_concepts(k)
-        else:
-            loaded.check_compatible(model, extractor.feature_dim, str(extractor.layer))
-            bank_path = Path(bank) if isinstance(bank, (str, Path)) else None
-        predictor = FsegPredictor(extractor, concepts, mode=mode, scale_before_argmax=scale_before_argmax)
+
+def _extractor(views: list[Any], settings: RunSettings, fseg: FsegOptions, device: Any) -> FeatureExtractor:
+    """The backbone's feature extractor, once every slide is known to hold a tissue window."""
+    from wsiseg.fseg.sampling import tissue_windows
+
+    for view in views:
+        if not tissue_windows(view, settings.window, settings.mpp):
+            raise WsisegError(f"no tissue found in {view.path}: check the slide, or pass --tissue all or a mask file")
+    extractor = load_extractor(fseg.model, fseg.weights, fseg.layer, device)
+    _check_window(extractor, settings.window)
+    return extractor
+
+
+def _concepts(
+    views: list[Any], extractor: FeatureExtractor, out: Path, settings: RunSettings, fseg: FsegOptions,
+    bank: ConceptBank | None,
+) -> tuple[Any, Path | None]:
+    """(k concepts, bank file): of the bank given, or fitted on the slides and saved in `out`."""
+    if bank is not None:
+        bank.check_compatible(fseg.model, extractor.feature_dim, str(extractor.layer))
+        return bank.projection_concepts(fseg.k), Path(fseg.bank) if isinstance(fseg.bank, (str, Path)) else None
+    bank = _fit(views, extractor, [fseg.k], settings, fseg.fit_windows, 50_000, fseg.seed)
+    bank_path = out / BANK_NAME
+    out.mkdir(parents=True, exist_ok=True)
+    save_bank(bank, bank_path, overwrite=True)
+    log.info("fitted k=%d concepts on the slide(s): saved as %s (reuse it with --bank)", fseg.k, bank_path)
+    return bank.projection_concepts(fseg.k), bank_path
+
+
+def fseg_slide(
+    slides: str | Path | Sequence[str | Path],
+    out: str | Path,
+    settings: RunSettings | None = None,
+    fseg: FsegOptions | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Segment slides into k concepts: project token features on a bank, blend, argmax, write outputs.
+
+    `options` are fields of `FsegOptions` (k, bank, model, weights, layer, mode, ...) and of
+    `RunSettings` (mpp, window, overlap, batch_size, device, tissue, exports, ...). Without a
+    bank, k concepts are first fitted on the tissue of the given slides (together, so labels
+    agree across them) and saved as `out`/concepts.safetensors. Model, layer, MPP and window
+    default to the bank's when it records them. One output folder per slide under `out` when
+    several slides are given, else `out` itself. A registry PFM needs `weights` (`random_weights`
+    allows an untrained one, for tests). Everything a user can get wrong is checked before the
+    model loads. Returns the engine's summaries.
+    """
+    from wsiseg.engine.run import run_slide
+    from wsiseg.fseg.predictor import FsegPredictor
+
+    settings, fseg = fseg_request(settings, fseg, options)
+    paths = _paths(slides)
+    out = Path(out)
+    bank = load_bank(Path(fseg.bank)) if isinstance(fseg.bank, (str, Path)) else fseg.bank
+    settings, fseg = _with_bank(settings, fseg, bank)
+    targets = _targets(paths, out, settings, fseg)
+    opened = _open(paths, settings)
+    try:
+        extractor = _extractor(opened, settings, fseg, resolve_device(settings.device))
+        concepts, bank_path = _concepts(opened, extractor, out, settings, fseg, bank)
+        predictor = FsegPredictor(extractor, concepts, mode=fseg.mode, scale_before_argmax=fseg.scale_before_argmax)
         info = {
-            "name": model, "layer": extractor.layer, "feature_dim": extractor.feature_dim, "fseg": True, "k": k,
-            "mode": mode, "scale_before_argmax": scale_before_argmax,
+            "name": fseg.model, "layer": extractor.layer, "feature_dim": extractor.feature_dim, "fseg": True,
+            "k": fseg.k, "mode": fseg.mode, "scale_before_argmax": fseg.scale_before_argmax,
             "bank": str(bank_path) if bank_path else None,
             "bank_sha256": hashlib.sha256(concepts.tobytes()).hexdigest()[:16],
         }
-        summaries = []
-        for view, target in zip(opened, targets):
-            summaries.append(run_slide(
-                view, predictor, target, mpp=mpp, window=window, overlap=overlap, batch_size=batch_size,
-                device=str(extractor.device), overwrite=overwrite, model_info=info, tissue=tissue, **engine_options,
-            ))
-        return summaries
+        return [run_slide(view, predictor, target, settings, model_info=info, torch_device=extractor.device)
+                for view, target in zip(opened, targets)]
     finally:
         _close(opened)
