@@ -231,6 +231,24 @@ def test_resize_mode_gives_each_region_the_scores_infer_resize_gives_it(he_png: 
     assert checked > 0 and (labels[count == 0] == 0).all()
 
 
+def test_a_resize_run_of_the_earlier_algorithm_is_neither_reused_nor_resumed(he_png: Path, predictor: SegmenterPredictor,
+                                                                            tmp_path: Path) -> None:
+    """Resize mode changed algorithm (RESIZE_VERSION 2): a finished run of the canvas-paste algorithm, whose
+    fingerprint has no resize_version, is another run's output, so the same command refuses to mix them."""
+    out = tmp_path / "out"
+    options = dict(mpp=2.0, window=320, mode="resize", workers=0, slide_mpp=2.0, exports=(), show_progress=False)
+    first = run_slide(he_png, predictor, out, **options)
+    assert first["fingerprint"]["resize_version"] == 2
+    assert run_slide(he_png, predictor, out, **options)["reused"]
+    summary = json.loads((out / "summary.json").read_text())
+    del summary["fingerprint"]["resize_version"]
+    (out / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(WsisegError, match="finished run with other settings: pass --overwrite"):
+        run_slide(he_png, predictor, out, **options)
+    assert "resize_version" not in run_slide(he_png, predictor, tmp_path / "w", **{**options, "mode": "windowslide"})[
+        "fingerprint"]
+
+
 @pytest.mark.slow
 def test_tile_store_input(samples: dict[str, Path], checkpoint: Path, tmp_path: Path) -> None:
     from wsiseg.store.tiling import tile_slide

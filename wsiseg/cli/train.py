@@ -7,6 +7,9 @@ from typing import Any
 
 import click
 
+from wsiseg.engine.choices import BLENDS, PREDICTION_MODES
+from wsiseg.engine.image import ImageInference
+
 
 @click.command("train")
 @click.argument("arguments", nargs=-1, metavar="[CONFIG]")
@@ -56,12 +59,13 @@ def train_command(arguments: tuple[str, ...], config_option: Path | None,
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--input_size", "--input-size", "input_size", type=int, default=None,
               help="Window (or resized longer side) in pixels [default: model.input_size of the checkpoint].")
-@click.option("--resize_or_windowslide", "--mode", "mode", type=click.Choice(["windowslide", "resize"]),
-              default="windowslide", show_default=True, help="Sliding windows, or one resized pass per image.")
-@click.option("--batch_size", "--batch-size", "batch_size", type=int, default=8, show_default=True,
+@click.option("--resize_or_windowslide", "--mode", "mode", type=click.Choice(PREDICTION_MODES.names),
+              default=ImageInference.mode, show_default=True, help="Sliding windows, or one resized pass per image.")
+@click.option("--batch_size", "--batch-size", "batch_size", type=int, default=ImageInference.batch_size, show_default=True,
               help="Windows per forward pass.")
-@click.option("--overlap", type=float, default=0.25, show_default=True, help="Window overlap fraction in [0, 1).")
-@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True,
+@click.option("--overlap", type=float, default=ImageInference.overlap, show_default=True,
+              help="Window overlap fraction in [0, 1).")
+@click.option("--blend", type=click.Choice(BLENDS.names), default=ImageInference.blend, show_default=True,
               help="Window weights for blending overlapping predictions.")
 @click.option("--split", default="test", show_default=True, help="Which list of the JSON to segment.")
 @click.option("--bootstrap", type=int, default=0, show_default=True,

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from wsiseg.engine.choices import BLENDS, PREDICTION_MODES
 from wsiseg.errors import WsisegError
 
-MODES = ("windowslide", "resize")
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,9 @@ class ImageInference:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise WsisegError(f"unknown --resize_or_windowslide {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.mode not in PREDICTION_MODES:
+            raise WsisegError(f"unknown --resize_or_windowslide {self.mode!r}: choose one of {', '.join(PREDICTION_MODES)}")
+        BLENDS.check(self.blend)
         if not 0 <= self.overlap < 1:
             raise WsisegError(f"--overlap must be in [0, 1), got {self.overlap}")
         if self.batch_size < 1:
