@@ -199,8 +199,9 @@ def run_slide(
 
     `settings` (a `RunSettings`; `options` override its fields by name, e.g. `mpp=2.0, window=256`)
     must give the MPP and window. `torch_device`: the device `settings.device` names, when the
-    caller has resolved it already (to load its model there). Outputs: mask.zarr (always), the exports (mask.tif, mask.ome.tif, overlay.png, mask.geojson)
-    and summary.json; the log goes to segment.log. A partial run left in `out_dir` by an
+    caller has resolved it already (to load its model there). Outputs: mask.zarr (always), the
+    exports (mask.tif, mask.ome.tif, overlay.png, mask.geojson) and summary.json; the log goes to
+    segment.log. A partial run left in `out_dir` by an
     interrupted run with the same settings is resumed. A source without tissue windows is an
     error, never an empty "ok".
     """
