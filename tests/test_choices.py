@@ -11,6 +11,7 @@ import pytest
 
 import wsiseg
 from wsiseg.choices import Choices, either
+from wsiseg.engine.choices import BLENDS, PREDICTION_MODES
 from wsiseg.errors import WsisegError
 from wsiseg.export.choices import DEFAULT_EXPORTS, EXPORTS, LABELS
 from wsiseg.fseg.modes import MODES as FSEG_MODES
@@ -20,6 +21,8 @@ from wsiseg.train.choices import LOSSES, OPTIMIZERS, SCHEDULERS
 PACKAGE = Path(wsiseg.__file__).parent
 # every registry of the package, by where it is defined
 REGISTRIES = {
+    "wsiseg.engine.choices:BLENDS": BLENDS,
+    "wsiseg.engine.choices:PREDICTION_MODES": PREDICTION_MODES,
     "wsiseg.export.choices:EXPORTS": EXPORTS,
     "wsiseg.fseg.modes:MODES": FSEG_MODES,
     "wsiseg.models.choices:DECODERS": DECODERS,
@@ -106,6 +109,8 @@ def test_config_choices_are_the_registries() -> None:
     assert SCHEMA["model"]["finetune_mode"].choices == FINETUNE_MODES.names == ("lora", "dora", "full", "frozen")
     assert SCHEMA["training"]["optimizer"].choices == OPTIMIZERS.names == ("sgd", "adam", "adamw")
     assert SCHEMA["training"]["scheduler"].choices == SCHEDULERS.names == ("cosine", "step", "poly", "none")
+    assert SCHEMA["validation"]["mode"].choices == PREDICTION_MODES.names == ("windowslide", "resize")
+    assert SCHEMA["validation"]["blend"].choices == BLENDS.names == ("gaussian", "constant")
     for section, key, registry in (("model", "decoder", DECODERS), ("model", "finetune_mode", FINETUNE_MODES),
                                    ("training", "optimizer", OPTIMIZERS), ("training", "scheduler", SCHEDULERS)):
         assert SCHEMA[section][key].default in registry
@@ -125,12 +130,16 @@ def test_the_validator_accepts_exactly_the_registered_losses() -> None:
 def test_cli_choices_are_the_registries() -> None:
     from wsiseg.cli.fseg import fseg_command
     from wsiseg.cli.segment import export_command, segment_command
+    from wsiseg.cli.train import infer_command
 
     def option(command, name):
         return next(p for p in command.params if p.name == name)
 
     assert tuple(option(fseg_command, "mode").type.choices) == FSEG_MODES.names == ("project", "nearest", "nmf")
     assert list(option(export_command, "fmt").type.choices) == [*EXPORTS, LABELS]
+    for command in (segment_command, infer_command):
+        assert tuple(option(command, "mode").type.choices) == PREDICTION_MODES.names
+        assert tuple(option(command, "blend").type.choices) == BLENDS.names
     assert option(segment_command, "exports").default == ",".join(DEFAULT_EXPORTS) == "tiff,ome-tiff,png"
     assert set(DEFAULT_EXPORTS) <= set(EXPORTS)
     assert ", ".join(EXPORTS) in option(segment_command, "exports").help

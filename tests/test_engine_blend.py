@@ -26,7 +26,7 @@ def test_weights() -> None:
     assert np.allclose(gaussian, gaussian.T) and np.allclose(gaussian, gaussian[::-1, ::-1])
     assert gaussian[32, 32] > gaussian[32, 8] > gaussian[0, 0]
     assert (window_weights((8, 16), "constant") == 1).all()
-    with pytest.raises(WsisegError, match="blend mode"):
+    with pytest.raises(WsisegError, match="unknown blend .median.: use one of gaussian, constant"):
         window_weights(8, "median")
 
 

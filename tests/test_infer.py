@@ -13,8 +13,9 @@ from PIL import Image
 from tests.conftest import assert_user_error, run_cli
 from tests.train_fixtures import make_config, train_tiny
 from wsiseg.errors import WsisegError
+from wsiseg.engine.image import ImageInference, predict_resized, predict_windows, resize_rows, resized_shape
 from wsiseg.metrics import MetricAccumulator
-from wsiseg.train.infer import infer_images, predict_resized, predict_windows, resized_shape
+from wsiseg.train.infer import infer_images
 
 pytestmark = pytest.mark.slow  # end to end: trains, or runs the CLI in subprocesses
 
@@ -74,6 +75,42 @@ def test_resize_mode_keeps_aspect_and_returns_original_size() -> None:
     assert scores.shape == (3, 45, 77) and shapes == [(32, 64)]
 
 
+@pytest.mark.parametrize("size, shape", [((32, 48), (517, 771)), ((64, 64), (40, 50)), ((7, 5), (7, 5))])
+def test_resize_back_in_stripes_is_exactly_the_whole_resize(size: tuple[int, int], shape: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    scores = torch.rand(3, *size)
+    original = scores.clone()
+    whole = resize_rows(scores, *shape)
+    reference = torch.nn.functional.interpolate(scores[None], size=shape, mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(whole, reference, rtol=0, atol=1e-5)  # torch's bilinear, half-pixel centres
+    for stripe in (1, 7, 64, 100):
+        pieces = [resize_rows(scores, *shape, row0, min(row0 + stripe, shape[0])) for row0 in range(0, shape[0], stripe)]
+        assert torch.equal(torch.cat(pieces, dim=1), whole)
+    assert torch.equal(scores, original)  # the input is not written to
+
+
+def test_resize_mode_predicts_the_resized_image_and_resizes_back() -> None:
+    image = torch.rand(3, 45, 77)
+
+    def halves(batch: torch.Tensor) -> torch.Tensor:
+        """Class 1 on the left half of what the model sees, class 0 on the right."""
+        out = torch.zeros(batch.shape[0], 2, *batch.shape[-2:])
+        out[:, 1, :, : batch.shape[-1] // 2] = 1
+        out[:, 0, :, batch.shape[-1] // 2 :] = 1
+        return out
+
+    labels = predict_resized(image, halves, 64, 16).argmax(0)
+    assert (labels[:, :38] == 1).all() and (labels[:, 39:] == 0).all()  # the boundary maps back to x = 38.5
+
+
+@pytest.mark.parametrize("field, value, message", [("mode", "tiles", "unknown --resize_or_windowslide 'tiles'"),
+                                                   ("overlap", 1.0, "--overlap must be in"),
+                                                   ("batch_size", 0, "--batch_size must be at least 1")])
+def test_inference_settings_are_checked(field: str, value: object, message: str) -> None:
+    with pytest.raises(WsisegError, match=message):
+        ImageInference(**{field: value})
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, samples: dict[str, Path]) -> dict:
     return train_tiny(tmp_path_factory.mktemp("infer"), samples, epochs=1)
@@ -83,8 +120,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, samples: dict[str, Path]) 
 def test_infer_writes_masks_at_original_size_and_consistent_metrics(tmp_path: Path, trained: dict, mode: str) -> None:
     checkpoint = Path(trained["output_dir"]) / "checkpoints" / "best_model.pth"
     out = tmp_path / "predictions"
-    summary = infer_images(trained["config"], checkpoint, trained["json"], out, device="cpu", mode=mode,
-                           input_size=64, batch_size=2)
+    summary = infer_images(trained["config"], checkpoint, trained["json"], out,
+                           ImageInference(mode=mode, size=64, batch_size=2), device="cpu")
     assert summary["images"] == 2
     metrics = json.loads((out / "metrics.json").read_text())
     document = json.loads(Path(trained["json"]).read_text())
@@ -101,7 +138,7 @@ def test_infer_writes_masks_at_original_size_and_consistent_metrics(tmp_path: Pa
     for key in ("mdice", "miou", "pixel_acc", "dice_no_bg", "kappa"):
         assert metrics[key] == pytest.approx(recomputed[key], nan_ok=True)
     with pytest.raises(WsisegError, match="already exists"):
-        infer_images(None, checkpoint, trained["json"], out, device="cpu", mode=mode)
+        infer_images(None, checkpoint, trained["json"], out, ImageInference(mode=mode), device="cpu")
 
 
 def test_checkpoint_of_another_class_count_or_model(tmp_path: Path, trained: dict) -> None:

@@ -84,7 +84,7 @@ def test_patches_segment_with_the_labels_infer_gives(material: dict[str, Path]) 
     root = material["root"]
     document = {"train": [], "val": [], "test": [{"image_path": f"crop{side}.png"} for side in SIDES]}
     (root / "crops.json").write_text(json.dumps(document))
-    infer_images(None, material["checkpoint"], root / "crops.json", root / "infer", device="cpu", batch_size=8)
+    infer_images(None, material["checkpoint"], root / "crops.json", root / "infer", device="cpu")
     for side in SIDES:
         summary = segment_slide(material[f"crop{side}"], material["checkpoint"], root / f"seg{side}", slide_mpp=0.5,
                                 device="cpu", workers=0, batch_size=8, exports=(), show_progress=False)

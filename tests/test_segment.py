@@ -16,6 +16,7 @@ from tests.blend_reference import blend_in_memory, finalise
 from tests.train_fixtures import save_tiny_vit
 from wsiseg.engine.blend import window_weights
 from wsiseg.engine.loader import partition
+from wsiseg.engine.image import predict_resized, to_tensor
 from wsiseg.engine.predictors import BatchRunner, SegmenterPredictor
 from wsiseg.engine.regions import tissue_regions
 from wsiseg.engine.run import run_slide
@@ -200,6 +201,52 @@ def test_resize_mode(samples: dict[str, Path], checkpoint: Path, tmp_path: Path)
     assert (labels[~inside] == 0).all() and inside.mean() < 1  # outside every tissue region: background
     assert (labels[inside] != 0).any()
     assert (tmp_path / "overlay.png").is_file()
+
+
+def test_resize_mode_gives_each_region_the_scores_infer_resize_gives_it(he_png: Path, predictor: SegmenterPredictor,
+                                                                         tmp_path: Path) -> None:
+    """Regions within the window are read at the run's MPP: their scores are infer's resize pass on their pixels,
+    resized back in 64-row stripes exactly as in one piece."""
+    window, mpp = 320, 2.0
+    run_slide(he_png, predictor, tmp_path / "out", mpp=mpp, window=window, mode="resize", workers=0, slide_mpp=2.0,
+              exports=(), save_probabilities=True, show_progress=False, clip_to_tissue=False, chunk=64)
+    store = MaskStore.open(tmp_path / "out" / "mask.zarr")
+    slide = open_slide(he_png, 2.0)
+    image = slide.read(0, 0, *slide.size_at(mpp), mpp)
+    regions = tissue_regions(tissue_mask(slide), mpp, image.shape[1], image.shape[0])
+    count = np.zeros(image.shape[:2], int)
+    for x, y, w, h in regions:
+        count[y : y + h, x : x + w] += 1
+    labels, probabilities = store.level(0)[:], store.probabilities[:]
+    checked = 0
+    for x, y, w, h in regions:
+        assert max(w, h) <= window
+        scores = predict_resized(to_tensor(image[y : y + h, x : x + w], "cpu"), predictor.predict, window,
+                                 predictor.input_multiple).numpy()
+        alone = count[y : y + h, x : x + w] == 1
+        assert np.array_equal(labels[y : y + h, x : x + w][alone], scores.argmax(0)[alone])
+        assert np.array_equal(probabilities[:, y : y + h, x : x + w][:, alone], scores[:, alone].astype(np.float16))
+        checked += alone.sum()
+        assert h > 64  # the region spans several stripes
+    assert checked > 0 and (labels[count == 0] == 0).all()
+
+
+def test_a_resize_run_of_the_earlier_algorithm_is_neither_reused_nor_resumed(he_png: Path, predictor: SegmenterPredictor,
+                                                                            tmp_path: Path) -> None:
+    """Resize mode changed algorithm (RESIZE_VERSION 2): a finished run of the canvas-paste algorithm, whose
+    fingerprint has no resize_version, is another run's output, so the same command refuses to mix them."""
+    out = tmp_path / "out"
+    options = dict(mpp=2.0, window=320, mode="resize", workers=0, slide_mpp=2.0, exports=(), show_progress=False)
+    first = run_slide(he_png, predictor, out, **options)
+    assert first["fingerprint"]["resize_version"] == 2
+    assert run_slide(he_png, predictor, out, **options)["reused"]
+    summary = json.loads((out / "summary.json").read_text())
+    del summary["fingerprint"]["resize_version"]
+    (out / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(WsisegError, match="finished run with other settings: pass --overwrite"):
+        run_slide(he_png, predictor, out, **options)
+    assert "resize_version" not in run_slide(he_png, predictor, tmp_path / "w", **{**options, "mode": "windowslide"})[
+        "fingerprint"]
 
 
 @pytest.mark.slow

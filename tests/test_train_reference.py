@@ -13,6 +13,7 @@ from PIL import Image
 
 from tests.conftest import assert_user_error, run_cli
 from tests.train_fixtures import make_reference_dataset, random_lunit_weights, reference_config, train_tiny
+from wsiseg.engine.image import ImageInference
 from wsiseg.train.infer import infer_images
 
 pytestmark = pytest.mark.slow  # end to end: trains, or runs the CLI in subprocesses
@@ -77,7 +78,7 @@ def test_infer_with_the_reference_flags(reference_run: dict[str, Path]) -> None:
             assert mask.size == image.size and np.asarray(mask).max() < 4
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 1 and [item["image"] for item in metrics["per_image"]] == ["test_0"]
-    again = infer_images(None, run, reference_run["json"], root / "again", device="cpu", mode="resize")
+    again = infer_images(None, run, reference_run["json"], root / "again", ImageInference(mode="resize"), device="cpu")
     assert again["images"] == 2 and again["with_masks"] == 1  # a run folder as the checkpoint, no config
 
 

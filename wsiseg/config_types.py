@@ -16,6 +16,7 @@ import typing
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
+from wsiseg.engine.choices import BLENDS, PREDICTION_MODES
 from wsiseg.metrics import SUMMARY_METRICS
 from wsiseg.models.choices import DECODERS, FINETUNE_MODES
 from wsiseg.train.choices import OPTIMIZERS, SCHEDULERS
@@ -125,9 +126,9 @@ class ValidationConfig:
     every: int = key(1, minimum=1)
     metric: str = key("mdice", choices=tuple(SUMMARY_METRICS))
     batch_size: int = key(8, minimum=1)
-    mode: str = key("windowslide", choices=("windowslide", "resize"))
+    mode: str = key("windowslide", choices=PREDICTION_MODES.names)
     overlap: float = key(0.25, minimum=0.0, maximum=0.9)
-    blend: str = key("gaussian", choices=("gaussian", "constant"))
+    blend: str = key("gaussian", choices=BLENDS.names)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from wsiseg.choices import either
+from wsiseg.engine.choices import BLENDS, PREDICTION_MODES
 from wsiseg.engine.settings import RunSettings
 from wsiseg.export.choices import DEFAULT_EXPORTS, EXPORTS, LABELS
 
@@ -20,13 +21,13 @@ from wsiseg.export.choices import DEFAULT_EXPORTS, EXPORTS, LABELS
               help="The training YAML [default: the config stored in the checkpoint].")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Output folder (one slide), or folder of <slide name>/ folders (several).")
-@click.option("--mode", type=click.Choice(["windowslide", "resize"]), default=RunSettings.mode, show_default=True)
+@click.option("--mode", type=click.Choice(PREDICTION_MODES.names), default=RunSettings.mode, show_default=True)
 @click.option("--mpp", type=float, default=None, help="Segmentation MPP [default: dataset.mpp of the config].")
 @click.option("--slide-mpp", type=float, default=None, help="The slides' own MPP, where their metadata lacks it.")
 @click.option("--window", type=int, default=None, help="Window side in pixels [default: model.input_size].")
 @click.option("--overlap", type=float, default=RunSettings.overlap, show_default=True,
               help="Window overlap, a fraction of the window.")
-@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default=RunSettings.blend, show_default=True)
+@click.option("--blend", type=click.Choice(BLENDS.names), default=RunSettings.blend, show_default=True)
 @click.option("--batch-size", type=int, default=RunSettings.batch_size, show_default=True)
 @click.option("--device", default=RunSettings.device, show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--workers", default=RunSettings.workers, show_default=True,

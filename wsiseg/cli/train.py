@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
+
+from wsiseg.engine.choices import BLENDS, PREDICTION_MODES
+from wsiseg.engine.image import ImageInference
 
 
 @click.command("train")
@@ -55,29 +59,30 @@ def train_command(arguments: tuple[str, ...], config_option: Path | None,
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--input_size", "--input-size", "input_size", type=int, default=None,
               help="Window (or resized longer side) in pixels [default: model.input_size of the checkpoint].")
-@click.option("--resize_or_windowslide", "--mode", "mode", type=click.Choice(["windowslide", "resize"]),
-              default="windowslide", show_default=True, help="Sliding windows, or one resized pass per image.")
-@click.option("--batch_size", "--batch-size", "batch_size", type=int, default=8, show_default=True,
+@click.option("--resize_or_windowslide", "--mode", "mode", type=click.Choice(PREDICTION_MODES.names),
+              default=ImageInference.mode, show_default=True, help="Sliding windows, or one resized pass per image.")
+@click.option("--batch_size", "--batch-size", "batch_size", type=int, default=ImageInference.batch_size, show_default=True,
               help="Windows per forward pass.")
-@click.option("--overlap", type=float, default=0.25, show_default=True, help="Window overlap fraction in [0, 1).")
-@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True,
+@click.option("--overlap", type=float, default=ImageInference.overlap, show_default=True,
+              help="Window overlap fraction in [0, 1).")
+@click.option("--blend", type=click.Choice(BLENDS.names), default=ImageInference.blend, show_default=True,
               help="Window weights for blending overlapping predictions.")
 @click.option("--split", default="test", show_default=True, help="Which list of the JSON to segment.")
 @click.option("--bootstrap", type=int, default=0, show_default=True,
               help="Bootstrap resamples for 95% confidence intervals in metrics.json (0 = none).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-def infer_command(config: Path | None, checkpoint: Path, input_json: Path, output_dir: Path, device: str,
-                  input_size: int | None, mode: str, batch_size: int, overlap: float, blend: str, split: str,
-                  bootstrap: int, overwrite: bool) -> None:
+def infer_command(**options: Any) -> None:
     """Segment the images of a dataset JSON split with a trained checkpoint."""
+    from wsiseg.engine.image import ImageInference
     from wsiseg.metrics import format_metrics
     from wsiseg.progress import setup_console_logging
     from wsiseg.train.infer import infer_images
 
+    inference = ImageInference(mode=options.pop("mode"), size=options.pop("input_size"),
+                               overlap=options.pop("overlap"), blend=options.pop("blend"),
+                               batch_size=options.pop("batch_size"))
     setup_console_logging()
-    summary = infer_images(config, checkpoint, input_json, output_dir, device=device, input_size=input_size,
-                           mode=mode, batch_size=batch_size, overlap=overlap, blend=blend, split=split,
-                           overwrite=overwrite, bootstrap=bootstrap)
+    summary = infer_images(inference=inference, **options)
     line = f"{summary['images']} images in {summary['seconds']:.1f} s -> {summary['output_dir']}"
     if summary["metrics"]:
         line += " | " + format_metrics(summary["metrics"], ("mdice", "dice_no_bg", "dice_foreground", "miou", "pixel_acc"))

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from wsiseg.engine.choices import BLENDS
 from wsiseg.errors import WsisegError
 
-BLEND_MODES = ("gaussian", "constant")
 # sigma of the Gaussian weight as a fraction of the window side
 GAUSSIAN_SIGMA_SCALE = 0.125
 # floor of the weights so that every covered pixel has a positive weight sum
@@ -24,12 +24,18 @@ MIN_WEIGHT = 1e-4
 
 
 def window_weights(window: int | tuple[int, int], mode: str = "gaussian") -> np.ndarray:
-    """Per-pixel weights (h, w) float32 of one window: a Gaussian peaking at 1 in the centre, or ones."""
+    """Per-pixel weights (h, w) float32 of one window, by the registered blend `mode`."""
     height, width = (window, window) if isinstance(window, int) else window
-    if mode == "constant":
-        return np.ones((height, width), dtype=np.float32)
-    if mode != "gaussian":
-        raise WsisegError(f"unknown blend mode {mode!r}: choose one of {', '.join(BLEND_MODES)}")
+    return BLENDS.load(mode)(height, width)
+
+
+def constant_weights(height: int, width: int) -> np.ndarray:
+    """Equal weights: overlapping windows are averaged."""
+    return np.ones((height, width), dtype=np.float32)
+
+
+def gaussian_weights(height: int, width: int) -> np.ndarray:
+    """A Gaussian peaking at 1 in the centre, floored so that every covered pixel has a positive weight."""
 
     def profile(n: int) -> np.ndarray:
         centre = (n - 1) / 2.0

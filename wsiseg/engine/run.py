@@ -40,6 +40,8 @@ MASK_NAME = "mask.zarr"
 SUMMARY_NAME = "summary.json"
 LOG_NAME = "segment.log"
 FORMAT_VERSION = 1
+# resize mode's algorithm: 2 is engine/image's resize (aspect kept); a partial run of 1 is not resumed
+RESIZE_VERSION = 2
 
 
 def output_paths(out_dir: Path, exports: Sequence[str]) -> dict[str, Path]:
@@ -100,6 +102,7 @@ def fingerprint_settings(settings: RunSettings, stride: int, model_info: dict[st
         "blend": settings.blend, "background": int(settings.background),
         "probabilities": bool(settings.save_probabilities), "model": model_info,
         "clip_to_tissue": bool(settings.clip_to_tissue), "tissue": str(settings.tissue),
+        **({"resize_version": RESIZE_VERSION} if settings.mode == "resize" else {}),
     }
 
 
@@ -196,8 +199,9 @@ def run_slide(
 
     `settings` (a `RunSettings`; `options` override its fields by name, e.g. `mpp=2.0, window=256`)
     must give the MPP and window. `torch_device`: the device `settings.device` names, when the
-    caller has resolved it already (to load its model there). Outputs: mask.zarr (always), the exports (mask.tif, mask.ome.tif, overlay.png, mask.geojson)
-    and summary.json; the log goes to segment.log. A partial run left in `out_dir` by an
+    caller has resolved it already (to load its model there). Outputs: mask.zarr (always), the
+    exports (mask.tif, mask.ome.tif, overlay.png, mask.geojson) and summary.json; the log goes to
+    segment.log. A partial run left in `out_dir` by an
     interrupted run with the same settings is resumed. A source without tissue windows is an
     error, never an empty "ok".
     """

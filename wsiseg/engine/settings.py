@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from wsiseg.choices import either
+from wsiseg.engine.choices import BLENDS, PREDICTION_MODES
 from wsiseg.errors import WsisegError
 from wsiseg.export.choices import DEFAULT_EXPORTS, EXPORTS
 
-MODES = ("windowslide", "resize")
 BACKGROUND_NAMES = ("background", "bg", "other", "none")
 
 T = TypeVar("T")
@@ -58,14 +59,13 @@ class RunSettings:
 
     def check(self) -> None:
         """Refuse a value the run cannot take, without opening anything."""
-        from wsiseg.engine.blend import BLEND_MODES
         from wsiseg.engine.loader import parse_workers
         from wsiseg.slide.mask import check_tissue_option
 
-        if self.mode not in MODES:
-            raise WsisegError(f"unknown mode {self.mode!r}: use {' or '.join(MODES)}")
-        if self.blend not in BLEND_MODES:
-            raise WsisegError(f"unknown blend {self.blend!r}: use {' or '.join(BLEND_MODES)}")
+        if self.mode not in PREDICTION_MODES:
+            raise WsisegError(f"unknown mode {self.mode!r}: use {either(PREDICTION_MODES)}")
+        if self.blend not in BLENDS:
+            raise WsisegError(f"unknown blend {self.blend!r}: use {either(BLENDS)}")
         if not 0 <= self.overlap < 1:
             raise WsisegError(f"--overlap must be a fraction of the window in [0, 1), got {self.overlap}")
         if self.batch_size < 1:

@@ -28,13 +28,13 @@ from wsiseg.config import dump_config, read_config
 from wsiseg.config_types import Config
 from wsiseg.engine.predictors import SegmenterPredictor, autocast_dtype
 from wsiseg.devices import resolve_device
+from wsiseg.engine.image import ImageInference, predict_image, to_tensor
 from wsiseg.errors import WsisegError
 from wsiseg.locks import acquire, release
 from wsiseg.metrics import MetricAccumulator, format_metrics
 from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.train.augment import TrainTransform
 from wsiseg.train.data import SegmentationDataset, split_entries
-from wsiseg.train.infer import predict_image, to_tensor
 from wsiseg.train.losses import CombinedLoss
 from wsiseg.train.optim import build_optimizer, lr_factor
 
@@ -288,6 +288,8 @@ class Trainer:
         from wsiseg.train.plots import sample_panel
 
         validation = self.cfg.validation
+        inference = ImageInference(validation.mode, self.cfg.model.input_size, validation.overlap, validation.blend,
+                                   validation.batch_size)
         self.model.eval()
         accumulator = MetricAccumulator(self.num_classes, self.ignore_index, self.class_names)
         predict = SegmenterPredictor(self.model, self.class_names, self.colors, self.cfg.system.precision).predict
@@ -296,9 +298,7 @@ class Trainer:
         shown = visualization.num_samples if (epoch + 1) % visualization.every == 0 or last else 0
         for index in range(len(self.val_set.entries)):
             image, mask = self.val_set.load(index)
-            scores = predict_image(to_tensor(image, self.device), predict, validation.mode,
-                                   self.cfg.model.input_size, self.model.input_multiple,
-                                   validation.overlap, validation.blend, validation.batch_size)
+            scores = predict_image(to_tensor(image, self.device), predict, inference, self.model.input_multiple)
             labels = scores.argmax(0).cpu().numpy()
             accumulator.update(labels, mask)
             if index < shown:
