@@ -64,3 +64,20 @@ def test_a_rewritten_empty_chunk_loses_its_file(tmp_path):
     assert not (tmp_path / "mask.zarr" / "0" / "c" / "0" / "3").exists()
     assert np.array_equal(zarr.open_array(str(tmp_path / "mask.zarr" / "0"), mode="r")[:64], cleared)
     assert not files.write_row(10, cleared)  # not a chunk row: left to zarr
+
+
+def test_a_resumed_store_drops_the_chunk_temporaries_of_a_killed_run(tmp_path):
+    """A run killed while writing a chunk file leaves its temporary in the chunk folder: resuming removes it
+    and keeps the rows already finished."""
+    labels = smooth_labels(128, 200, 4, seed=2)
+    frame = Frame(200, 128, 0.5, 0.5, (0, 0))
+    first = MaskStore.resume_or_create(tmp_path / "mask.zarr", {"run": 1}, frame, class_names=["a", "b", "c", "d"],
+                                       chunk=64)
+    first.write_rows(0, labels[:64])
+    leftover = tmp_path / "mask.zarr" / "0" / "c" / "1" / ".2.4242.17.partial"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"half a chunk")
+    again = MaskStore.resume_or_create(tmp_path / "mask.zarr", {"run": 1}, frame, class_names=["a", "b", "c", "d"],
+                                       chunk=64)
+    assert again.rows_done == 64 and not leftover.exists()
+    assert np.array_equal(again.level(0)[:64], labels[:64])

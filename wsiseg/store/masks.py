@@ -199,6 +199,8 @@ class MaskStore:
             except WsisegError:
                 store = None
             if store is not None and store.meta.get("params") == params:
+                for leftover in path.rglob(".*.partial*"):  # a chunk file a killed run was writing
+                    leftover.unlink()
                 return store
         return cls.create(path, frame, params=params, **create_args)
 
