@@ -129,6 +129,8 @@ def _fingerprint(view: SourceView, settings: dict[str, Any], predictor: Predicto
         "source_mtime": stat.st_mtime if stat else None,
         "classes": list(predictor.class_names),
         **settings,
+        # a tile store's large resize regions are read from its pyramid: a run of the full-size reads is not resumed
+        **({"store_read": "pyramid"} if view.kind == "tiles" and "resize_version" in settings else {}),
     }
 
 
