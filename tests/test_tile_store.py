@@ -13,6 +13,7 @@ import zarr
 from PIL import Image
 
 from tests.ome_zarr_check import validate, walk_without_warnings
+from tests.real_cluster import real_cluster
 from tests.test_slide_reader import CMU_SIZES, openslide_on_white
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import TEMPORARY_GLOB, partial_path, temporary_sibling
@@ -226,12 +227,10 @@ def test_dask_workers_write_every_chunk(samples, tmp_path):
 
 
 @pytest.mark.slow
-def test_existing_scheduler_with_threaded_workers(samples, tmp_path):
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
-        store = tile_slide(samples["cmu_pyramid_tiff"], tmp_path / "s.zarr", 1.0, tile=128,
-                           scheduler=cluster.scheduler_address, progress=False)
+def test_existing_scheduler_with_two_workers(samples, tmp_path):
+    with real_cluster(tmp_path / "cluster", workers=2) as address:
+        store = tile_slide(samples["cmu_pyramid_tiff"], tmp_path / "s.zarr", 1.0, tile=128, scheduler=address,
+                           progress=False)
     positions = store.tissue_tiles()
     assert len(positions) > 30 and len(store.stored_tiles(positions)) == len(positions)
     with open_slide(samples["cmu_pyramid_tiff"]) as slide:
