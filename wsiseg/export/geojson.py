@@ -190,37 +190,51 @@ def coverage_faces(labels: Any, band_rows: int = BAND_ROWS) -> tuple[np.ndarray,
     return faces, values
 
 
+def _regions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(regions, region_label): the 4-connected regions of equal label, numbered from 1, and the label of each (0: none)."""
+    from skimage.measure import label as connected_regions
+
+    regions = connected_regions(labels.astype(np.int32), background=-1, connectivity=1)  # no value is background
+    region_label = np.zeros(int(regions.max()) + 1, labels.dtype)
+    region_label[regions] = labels
+    return regions, region_label
+
+
+def _shared_edges(regions: np.ndarray, region_label: np.ndarray, small: np.ndarray, num_labels: int) -> np.ndarray:
+    """(2, small regions, labels): the pixel edges each small region shares with each label, and with large regions of it."""
+    row = np.cumsum(small) - 1  # each small region's row
+    size = int(small.sum()) * num_labels
+    shared = np.zeros((2, size), np.int64)
+    for a, b in ((regions[:, :-1], regions[:, 1:]), (regions[:-1], regions[1:])):
+        differ = a != b
+        first, second = a[differ], b[differ]
+        for own, other in ((first, second), (second, first)):
+            mine = small[own]
+            own, other = own[mine], other[mine]
+            cell = row[own] * num_labels + region_label[other]
+            shared[0] += np.bincount(cell, minlength=size)
+            shared[1] += np.bincount(cell[~small[other]], minlength=size)
+    return shared.reshape(2, -1, num_labels)
+
+
 def absorb_small_regions(labels: np.ndarray, min_pixels: float, passes: int = 4) -> np.ndarray:
     """`labels` with every 4-connected region under `min_pixels` relabelled as the neighbour it shares most edges with.
 
     Neighbours that are large enough are preferred; a few passes settle regions whose
     neighbours were small too. A region with no neighbour (the whole image) stays.
     """
-    from skimage.measure import label as connected_regions
-
     labels = np.asarray(labels)
     num_labels = int(labels.max()) + 1
     for _ in range(passes):
-        regions = connected_regions(labels.astype(np.int32), background=-1, connectivity=1)
-        sizes = np.bincount(regions.reshape(-1))
-        small = sizes < min_pixels
-        small[0] = False  # no region has id 0 (there is no background value)
-        if not small[regions].any():
+        regions, region_label = _regions(labels)
+        small = np.bincount(regions.reshape(-1)) < min_pixels
+        small[0] = False  # no region has id 0
+        if not small.any():
             break
-        region_label = np.zeros(len(sizes), labels.dtype)
-        region_label[regions] = labels
-        shared = np.zeros((len(sizes), num_labels), np.int64)  # shared pixel edges: small region x neighbour label
-        shared_large = np.zeros_like(shared)
-        for a, b in ((regions[:, :-1], regions[:, 1:]), (regions[:-1], regions[1:])):
-            differ = a != b
-            for own, other in ((a[differ], b[differ]), (b[differ], a[differ])):
-                mine = small[own]
-                np.add.at(shared, (own[mine], region_label[other[mine]]), 1)
-                large = mine & ~small[other]
-                np.add.at(shared_large, (own[large], region_label[other[large]]), 1)
+        shared, shared_large = _shared_edges(regions, region_label, small, num_labels)
         counts = np.where(shared_large.sum(axis=1, keepdims=True) > 0, shared_large, shared)
-        relabel = small & (counts.sum(axis=1) > 0)
-        region_label[relabel] = counts[relabel].argmax(axis=1)
+        relabel = counts.sum(axis=1) > 0
+        region_label[np.flatnonzero(small)[relabel]] = counts[relabel].argmax(axis=1)
         labels = region_label[regions]
     return labels
 
