@@ -29,7 +29,9 @@ from wsiseg.store.masks import MaskStore
 MAX_TRACE_PIXELS = 25_000_000  # default level: the finest one at most this large
 BAND_ROWS = 1024
 OUTSIDE = -1  # the label beyond the mask's edges
-COORDINATE_DECIMALS = 3
+COORDINATE_DECIMALS = 3  # one group of DIGIT_GROUPS, as _number_bytes writes them
+DIGIT_GROUPS = np.array([list(f"{group:03d}".encode()) for group in range(1000)], np.uint8)  # ASCII
+FRACTION_KEEP = np.array([[True, group % 100 != 0, group % 10 != 0] for group in range(1000)])
 FEATURES_PER_WRITE = 2048  # features formatted as JSON text at a time
 
 
@@ -280,25 +282,26 @@ def class_faces(
 def _number_bytes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(chars, keep): each value's `repr` (what json writes) as a row of ASCII bytes, and which of them to keep.
 
-    The values must be rounded to COORDINATE_DECIMALS already: such a float is the double nearest
-    k / 10^decimals, whose shortest repr is that decimal, its fraction's trailing zeros dropped
-    (one digit kept), in fixed notation from 10^-4 up to 10^16; exact below 10^12.
+    The values must be rounded to COORDINATE_DECIMALS (3) already: such a float is the double
+    nearest k / 1000, whose shortest repr is that decimal with its fraction's trailing zeros
+    dropped (one digit kept), in fixed notation from 10^-4 up to 10^16; exact below 10^12.
     """
-    scaled = np.rint(np.abs(values) * 10.0**COORDINATE_DECIMALS).astype(np.int64)
-    whole, fraction = np.divmod(scaled, 10**COORDINATE_DECIMALS)
+    whole, fraction = np.divmod(np.rint(np.abs(values) * 1000.0).astype(np.int64), 1000)
     largest = int(whole.max(initial=0))
     if largest >= 10**12:
         raise WsisegError(f"coordinate {largest} is beyond what a slide holds: check the mask's origin and MPP")
-    width = len(str(largest))
-    digits = np.concatenate([whole[:, None] // 10 ** np.arange(width - 1, -1, -1),
-                             fraction[:, None] // 10 ** np.arange(COORDINATE_DECIMALS - 1, -1, -1)], axis=1) % 10
-    chars = np.empty((len(values), width + COORDINATE_DECIMALS + 2), np.uint8)
+    groups = -(-len(str(largest)) // 3)  # of three integer digits
+    digits = DIGIT_GROUPS[np.stack([whole // 1000**k % 1000 for k in range(groups - 1, -1, -1)] + [fraction], 1)]
+    width = 3 * groups
+    chars = np.empty((len(values), width + 5), np.uint8)
     chars[:, 0], chars[:, width + 1] = ord("-"), ord(".")
-    chars[:, 1 : width + 1], chars[:, width + 2 :] = digits[:, :width] + 48, digits[:, width:] + 48
-    keep = np.ones(chars.shape, bool)
+    chars[:, 1 : width + 1], chars[:, width + 2 :] = digits[:, :-1].reshape(len(values), width), digits[:, -1]
+    keep = np.empty(chars.shape, bool)
     keep[:, 0] = np.signbit(values)
-    keep[:, 1:width] = np.logical_or.accumulate(digits[:, : width - 1] != 0, axis=1)  # no leading zeros
-    keep[:, width + 3 :] = np.logical_or.accumulate(digits[:, : width : -1] != 0, axis=1)[:, ::-1]  # no trailing
+    lengths = np.searchsorted(10 ** np.arange(1, width), whole, side="right") + 1  # of the integer part
+    keep[:, 1 : width + 1] = np.arange(width) >= width - lengths[:, None]  # no leading zeros
+    keep[:, width + 1] = True
+    keep[:, width + 2 :] = FRACTION_KEEP[fraction]  # no trailing zeros after the first decimal
     return chars, keep
 
 
