@@ -96,7 +96,11 @@ def _label_images() -> list[tuple[np.ndarray, int]]:
     rng = np.random.default_rng(7)
     noise = [(rng.integers(0, classes, (h, w)).astype(np.uint8), band)
              for classes, h, w, band in zip([1, 2, 3, 5, 4], [1, 9, 31, 40, 17], [1, 23, 8, 40, 33], [1024, 3, 7, 16, 1])]
-    return [(_labels(), 1000), (_labels(), 7), (_blobby(300, 260, seed=5), 64), (_blobby(600, 520, seed=4), 1024), *noise]
+    islands = np.zeros((40, 60), np.uint8)  # isolated loops of 4, 6, 8, ... segments once cut at the band seams
+    for height in range(1, 9):
+        islands[2 + 4 * (height % 2) : 2 + 4 * (height % 2) + height, 7 * height : 7 * height + 3] = 1 + height % 3
+    return [(_labels(), 1000), (_labels(), 7), (_blobby(300, 260, seed=5), 64), (_blobby(600, 520, seed=4), 1024),
+            (islands, 2), (islands, 3), *noise]
 
 
 def test_lines_merge_as_geos_merges_them() -> None:

@@ -104,46 +104,62 @@ def _merge_graph(start: np.ndarray, stop: np.ndarray, vertical: np.ndarray) -> t
     return ends * 4 + slots, out, from_node, nodes, span
 
 
-def _walk_ranks(pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(head, rank) of every directed edge along acyclic predecessor links (-1: none), by pointer jumping."""
+def _walk_ranks(pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(head, rank, cyclic) of every directed edge along predecessor links (-1: none), by pointer jumping.
+
+    `head` is the first edge of each one's walk, `rank` its steps from there; `cyclic` marks the
+    edges on cycles (no head: their head and rank mean nothing). Each round settles some edge of
+    every walk still unsettled, so a round that settles none leaves only cycles.
+    """
     parent = np.where(pred >= 0, pred, np.arange(len(pred)))
     rank = (pred >= 0).astype(np.int64)  # the steps from each edge back to its parent
-    active = np.flatnonzero(parent[parent] != parent)
-    while active.size:
+    active = np.flatnonzero(pred[parent] >= 0)  # those whose parent is not their walk's head
+    while True:
         up = parent[active]
         rank[active] += rank[up]
         parent[active] = parent[up]
-        active = active[parent[parent[active]] != parent[active]]
-    return parent, rank
+        unsettled = active[pred[parent[active]] >= 0]
+        if len(unsettled) == len(active):
+            break
+        active = unsettled
+    cyclic = np.zeros(len(pred), bool)
+    cyclic[active] = True
+    return parent, rank, cyclic
 
 
-def _chain_starts(key: np.ndarray, out: np.ndarray, from_node: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(pred, chain, starts, loops): the walks GEOS's line merger takes through the directed edges.
+def _cycle_firsts(pred: np.ndarray, key: np.ndarray, cyclic: np.ndarray) -> np.ndarray:
+    """The edge of lowest key on each `cyclic` edge's cycle (others: themselves), over windows doubling until none changes."""
+    cycle = np.flatnonzero(cyclic)
+    lowest, parent = np.arange(len(pred)), pred.copy()
+    while True:
+        candidate = lowest[parent[cycle]]
+        better = key[candidate] < key[lowest[cycle]]
+        if not better.any():
+            return lowest
+        lowest[cycle] = np.where(better, candidate, lowest[cycle])
+        parent[cycle] = parent[parent[cycle]]
 
-    Chains run between nodes not of degree 2; each starts at its end first in the merger's node
+
+def _walks(key: np.ndarray, out: np.ndarray, from_node: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(walked, first, rank, loop) per segment: the walks GEOS's line merger takes through the directed edges.
+
+    Lines run between nodes not of degree 2; each starts at its end first in the merger's node
     and star order. Isolated loops (all nodes of degree 2) start at their first node and its first
-    out-edge. `pred` links each directed edge to the one before it, the loops cut at their starts;
-    `chain` numbers the undirected edges' chains, whose start edges `starts` holds.
+    out-edge. For each segment: the directed edge of it walked, the walk's first directed edge, its
+    steps from there, and whether the walk is an isolated loop.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     degree = (out >= 0).sum(axis=1)
     pair = np.sort(out[degree == 2], axis=1)[:, 2:]  # the two out-edges of each node of degree 2
     pred = np.full(len(key), -1, np.int64)
     pred[pair[:, 0]], pred[pair[:, 1]] = pair[:, 1] ^ 1, pair[:, 0] ^ 1
-    edges = len(key) // 2
-    links = coo_matrix((np.ones(len(pair), np.int8), (pair[:, 0] >> 1, pair[:, 1] >> 1)), shape=(edges, edges))
-    chains, chain = connected_components(links, directed=False)
-    terminal = degree[from_node] != 2
-    loops = np.bincount(chain[np.flatnonzero(terminal) >> 1], minlength=chains) == 0
-    candidates = np.flatnonzero(terminal | loops[chain[np.arange(len(key)) >> 1]])
-    candidates = candidates[np.lexsort((key[candidates], chain[candidates >> 1]))]
-    _, first = np.unique(chain[candidates >> 1], return_index=True)
-    starts = candidates[first]
-    pred[starts[loops]] = -1  # cut each loop at its start, and its reverse too
-    pred[starts[loops] ^ 1] = -1
-    return pred, chain, starts, loops
+    head, rank, cyclic = _walk_ranks(pred)
+    first = np.where(cyclic, _cycle_firsts(pred, key, cyclic), head)  # of the walk each directed edge is on
+    walked = np.arange(0, len(key), 2) + (key[first[1::2]] < key[first[0::2]])  # the direction that starts first
+    loop = cyclic[walked]
+    cut = np.full(len(key), -1, np.int64)  # the loops' walks, cut at their first edges
+    cut[walked[loop]] = pred[walked[loop]]
+    cut[first[walked[loop]]] = -1
+    return walked, first[walked], np.where(loop, _walk_ranks(cut)[1][walked], rank[walked]), loop
 
 
 def merged_lines(start: np.ndarray, stop: np.ndarray, vertical: np.ndarray) -> np.ndarray:
@@ -154,23 +170,19 @@ def merged_lines(start: np.ndarray, stop: np.ndarray, vertical: np.ndarray) -> n
     import shapely
 
     key, out, from_node, nodes, span = _merge_graph(start, stop, vertical)
-    pred, chain, starts, loops = _chain_starts(key, out, from_node)
-    head, rank = _walk_ranks(pred)
-    walked = np.flatnonzero(head == starts[chain[np.arange(len(key)) >> 1]])
-    order = np.lexsort((key[starts], loops))  # chains from junctions first, each in the merger's order
-    place = np.empty(len(order), np.int64)
-    place[order] = np.arange(len(order))
-    line = place[chain[walked >> 1]]
-    walked = walked[np.lexsort((rank[walked], line))]
-    line, rank = np.sort(line), rank[walked]
-    lengths = np.bincount(line, minlength=len(order))
-    flip = 2 * np.bincount(line, weights=walked & 1, minlength=len(order)) > lengths
+    walked, first, rank, loop = _walks(key, out, from_node)
+    order = np.lexsort((rank, key[first], loop))  # lines from junctions first, each in the merger's order
+    walked, first, rank = walked[order], first[order], rank[order]
+    begins = np.concatenate([[True], first[1:] != first[:-1]])
+    line = np.cumsum(begins) - 1
+    lengths = np.bincount(line)
+    flip = 2 * np.bincount(line, weights=walked & 1) > lengths
     offsets = np.cumsum(lengths + 1) - lengths - 1
     points = np.empty(offsets[-1] + lengths[-1] + 1, np.int64)
     points[offsets[line] + np.where(flip[line], lengths[line] - rank - 1, rank + 1)] = nodes[from_node[walked ^ 1]]
-    points[offsets + np.where(flip, lengths, 0)] = nodes[from_node[starts[order]]]
+    points[offsets + np.where(flip, lengths, 0)] = nodes[from_node[first[begins]]]
     coords = np.stack([points // span, points % span], axis=1).astype(np.float64)
-    return shapely.linestrings(coords, indices=np.repeat(np.arange(len(order)), lengths + 1))
+    return shapely.linestrings(coords, indices=np.repeat(np.arange(len(lengths)), lengths + 1))
 
 
 def coverage_faces(labels: Any, band_rows: int = BAND_ROWS) -> tuple[np.ndarray, np.ndarray]:
