@@ -12,6 +12,7 @@ from PIL import Image
 from shapely.geometry import shape
 
 from wsiseg.errors import WsisegError
+from wsiseg.export import geojson
 from wsiseg.export.geojson import (
     _number_bytes,
     _segments,
@@ -127,8 +128,9 @@ def test_numbers_are_written_as_their_repr() -> None:
 
 
 @pytest.mark.parametrize("simplify, min_area", [(0.0, 0.0), (0.3, 0.0), (0.0, 3.0)])
-def test_written_text_is_json_of_the_polygons(tmp_path: Path, simplify: float, min_area: float) -> None:
-    """Byte for byte what json.dumps writes of the features with shapely's `mapping` of each polygon."""
+def test_written_text_is_json_of_the_polygons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, simplify: float,
+                                              min_area: float) -> None:
+    """Byte for byte what json.dumps writes of the features with shapely's `mapping` of each polygon, in runs or not."""
     labels = _blobby(200, 170, seed=8)
     store = MaskStore.create(tmp_path / "mask.zarr", Frame(170, 200, 0.25, 0.2493, (-30, 7.5)),
                              class_names=["bg", "tumour", "stroma", "fat", "nuclei"], chunk=64)
@@ -143,7 +145,17 @@ def test_written_text_is_json_of_the_polygons(tmp_path: Path, simplify: float, m
     expected = json.dumps({"type": "FeatureCollection", "features": features}, ensure_ascii=False)
     written = write_geojson(store, tmp_path / "mask.geojson", 0, simplify, min_area).read_text()
     assert written == expected and len(features) > 20
+    monkeypatch.setattr(geojson, "VERTICES_PER_WRITE", 300)  # many runs, a few polygons alone in theirs
+    assert write_geojson(store, tmp_path / "runs.geojson", 0, simplify, min_area).read_text() == expected
+    assert shapely.get_num_coordinates(polygons).max() > 300
     assert any(x < 0 for polygon in polygons for x in shapely.get_coordinates(polygon)[:, 0])
+
+
+def test_a_mask_of_background_alone_writes_no_features(tmp_path: Path) -> None:
+    store = _store(tmp_path / "mask.zarr", np.zeros((40, 30), np.uint8))
+    written = write_geojson(store, tmp_path / "mask.geojson").read_text()
+    assert json.loads(written) == {"type": "FeatureCollection", "features": []}
+    assert written == json.dumps(json.loads(written))
 
 
 def test_geojson_export(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """Label masks as GeoJSON that QuPath imports as the mask: one polygon coverage of all classes, in slide pixels.
 
 Tracing: the pixel edges of the traced pyramid level between different labels are cut into
-maximal straight runs wherever the pair of labels on their two sides changes, and polygonized.
+maximal straight runs wherever the pair of labels on their two sides changes, merged into lines
+between junctions (in numpy, into the very lines GEOS's line merger makes, in its order, so the
+polygons come out as they did through it), and polygonized.
 The faces are exactly the regions of one label (a face's area is its pixel count), and
 neighbouring faces share their edges vertex for vertex: together they form a polygon coverage.
 Regions under `min_area` are first relabelled, in the raster, as the neighbour they share the
@@ -9,7 +11,8 @@ longest edge with; the coverage is simplified as a whole (shapely's `coverage_si
 no overlaps and no gaps between classes. The background faces take part and are left out of the
 file.
 
-Coordinates are level-0 pixels of the source slide (QuPath's convention): pixel (c, r) of
+The file is written a run of features at a time, its numbers formatted in numpy as json.dumps
+would write them. Coordinates are level-0 pixels of the source slide (QuPath's convention): pixel (c, r) of
 pyramid level L covers mask pixels [c 2^L, (c + 1) 2^L) x [r 2^L, (r + 1) 2^L), which map to the
 slide by the mask MPP over the slide's base MPP, plus the slide's bounds origin.
 """
@@ -32,7 +35,7 @@ OUTSIDE = -1  # the label beyond the mask's edges
 COORDINATE_DECIMALS = 3  # one group of DIGIT_GROUPS, as _number_bytes writes them
 DIGIT_GROUPS = np.array([list(f"{group:03d}".encode()) for group in range(1000)], np.uint8)  # ASCII
 FRACTION_KEEP = np.array([[True, group % 100 != 0, group % 10 != 0] for group in range(1000)])
-FEATURES_PER_WRITE = 2048  # features formatted as JSON text at a time
+VERTICES_PER_WRITE = 200_000  # coordinates formatted as text at a time (a larger polygon goes alone)
 
 
 def choose_level(store: MaskStore, max_pixels: int = MAX_TRACE_PIXELS) -> int:
@@ -50,7 +53,7 @@ def _edge_runs(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.nd
     continues = np.zeros_like(edge)  # the edge at i continues the one at i - 1
     continues[:, 1:] = edge[:, 1:] & edge[:, :-1] & (first[:, 1:] == first[:, :-1]) & (second[:, 1:] == second[:, :-1])
     starts = edge & ~continues
-    stops = edge
+    stops = edge  # reused in place
     stops[:, :-1] &= ~continues[:, 1:]
     lines, start = np.nonzero(starts)
     _, stop = np.nonzero(stops)
@@ -90,10 +93,10 @@ def _segments(labels: Any, band_rows: int) -> tuple[np.ndarray, np.ndarray, np.n
 def _merge_graph(start: np.ndarray, stop: np.ndarray, vertical: np.ndarray) -> tuple[np.ndarray, ...]:
     """The segments' directed edges (2e: start -> stop, 2e + 1: back) as GEOS's line merger sees them.
 
-    Returns (key, out, from_node, span): each directed edge's order key (its from-node in GEOS's
-    node order, x then y, then its slot in the node's star: +x, +y, -x, -y, counter-clockwise as
-    GEOS sorts it), the (nodes, 4) table of out-edges by slot (-1: none), each directed edge's
-    from-node, and the node keys (x * span + y) of the nodes.
+    Returns (key, out, from_node, nodes, span): each directed edge's order key (its from-node in
+    GEOS's node order, x then y, then its slot in the node's star: +x, +y, -x, -y, counter-clockwise
+    as GEOS sorts it), the (nodes, 4) table of out-edges by slot (-1: none), each directed edge's
+    from-node, and the nodes' keys x * span + y.
     """
     span = int(stop[:, 1].max()) + 1
     ends = np.stack([start[:, 0] * span + start[:, 1], stop[:, 0] * span + stop[:, 1]], 1).reshape(-1)
@@ -231,6 +234,20 @@ def _shared_edges(regions: np.ndarray, region_label: np.ndarray, small: np.ndarr
     return shared.reshape(2, -1, num_labels)
 
 
+def _absorb_pass(labels: np.ndarray, min_pixels: float, num_labels: int) -> np.ndarray | None:
+    """`labels` with each region under `min_pixels` relabelled once (see `absorb_small_regions`); None if none is."""
+    regions, region_label = _regions(labels)
+    small = np.bincount(regions.reshape(-1)) < min_pixels
+    small[0] = False  # no region has id 0
+    if not small.any():
+        return None
+    shared, shared_large = _shared_edges(regions, region_label, small, num_labels)
+    counts = np.where(shared_large.sum(axis=1, keepdims=True) > 0, shared_large, shared)
+    relabel = counts.sum(axis=1) > 0
+    region_label[np.flatnonzero(small)[relabel]] = counts[relabel].argmax(axis=1)
+    return region_label[regions]
+
+
 def absorb_small_regions(labels: np.ndarray, min_pixels: float, passes: int = 4) -> np.ndarray:
     """`labels` with every 4-connected region under `min_pixels` relabelled as the neighbour it shares most edges with.
 
@@ -240,16 +257,10 @@ def absorb_small_regions(labels: np.ndarray, min_pixels: float, passes: int = 4)
     labels = np.asarray(labels)
     num_labels = int(labels.max()) + 1
     for _ in range(passes):
-        regions, region_label = _regions(labels)
-        small = np.bincount(regions.reshape(-1)) < min_pixels
-        small[0] = False  # no region has id 0
-        if not small.any():
+        absorbed = _absorb_pass(labels, min_pixels, num_labels)
+        if absorbed is None:
             break
-        shared, shared_large = _shared_edges(regions, region_label, small, num_labels)
-        counts = np.where(shared_large.sum(axis=1, keepdims=True) > 0, shared_large, shared)
-        relabel = counts.sum(axis=1) > 0
-        region_label[np.flatnonzero(small)[relabel]] = counts[relabel].argmax(axis=1)
-        labels = region_label[regions]
+        labels = absorbed
     return labels
 
 
@@ -341,15 +352,19 @@ def _coordinate_texts(polygons: np.ndarray) -> list[str]:
 
 
 def _feature_texts(store: MaskStore, polygons: np.ndarray, labels: np.ndarray, areas: np.ndarray) -> Iterator[str]:
-    """The GeoJSON text of each feature, as json.dumps writes it, formatted FEATURES_PER_WRITE at a time."""
+    """The GeoJSON text of each feature, as json.dumps writes it, formatted about VERTICES_PER_WRITE vertices at a time."""
+    import shapely
+
     properties = [
         json.dumps({"objectType": "annotation", "classification": {"name": name, "color": list(color)},
                     "measurements": {"Area µm^2": 0.0}}, ensure_ascii=False)[: -len("0.0}}")]
         for name, color in zip(store.class_names, store.colors)
     ]
     head = '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
-    for begin in range(0, len(polygons), FEATURES_PER_WRITE):
-        run = slice(begin, begin + FEATURES_PER_WRITE)
+    counts = shapely.get_num_coordinates(polygons)
+    firsts = np.flatnonzero(np.diff((np.cumsum(counts) - counts) // VERTICES_PER_WRITE, prepend=-1)).tolist()
+    for begin, end in zip(firsts, [*firsts[1:], len(polygons)]):
+        run = slice(begin, end)
         for coordinates, label, area in zip(_coordinate_texts(polygons[run]), labels[run].tolist(), areas[run].tolist()):
             yield f"{head}{coordinates}}}, \"properties\": {properties[label]}{round(area, 3)!r}}}}}}}"
 
