@@ -35,7 +35,7 @@ OUTSIDE = -1  # the label beyond the mask's edges
 COORDINATE_DECIMALS = 3  # one group of DIGIT_GROUPS, as _number_bytes writes them
 DIGIT_GROUPS = np.array([list(f"{group:03d}".encode()) for group in range(1000)], np.uint8)  # ASCII
 FRACTION_KEEP = np.array([[True, group % 100 != 0, group % 10 != 0] for group in range(1000)])
-VERTICES_PER_WRITE = 200_000  # coordinates formatted as text at a time (a larger polygon goes alone)
+VERTICES_PER_WRITE = 50_000  # coordinates formatted as text at a time (a larger polygon goes alone)
 
 
 def choose_level(store: MaskStore, max_pixels: int = MAX_TRACE_PIXELS) -> int:
@@ -102,7 +102,7 @@ def _merge_graph(start: np.ndarray, stop: np.ndarray, vertical: np.ndarray) -> t
     ends = np.stack([start[:, 0] * span + start[:, 1], stop[:, 0] * span + stop[:, 1]], 1).reshape(-1)
     slots = (vertical.astype(np.int64)[:, None] + np.array([0, 2])).reshape(-1)
     nodes, from_node = np.unique(ends, return_inverse=True)
-    out = np.full((len(nodes), 4), -1, np.int64)
+    out = np.full((len(nodes), 4), -1, np.int32)
     out[from_node, slots] = np.arange(len(ends))
     return ends * 4 + slots, out, from_node, nodes, span
 
@@ -151,7 +151,7 @@ def _walks(key: np.ndarray, out: np.ndarray, from_node: np.ndarray) -> tuple[np.
     out-edge. For each segment: the directed edge of it walked, the walk's first directed edge, its
     steps from there, and whether the walk is an isolated loop.
     """
-    degree = (out >= 0).sum(axis=1)
+    degree = (out >= 0).sum(axis=1, dtype=np.int8)
     pair = np.sort(out[degree == 2], axis=1)[:, 2:]  # the two out-edges of each node of degree 2
     pred = np.full(len(key), -1, np.int64)
     pred[pair[:, 0]], pred[pair[:, 1]] = pair[:, 1] ^ 1, pair[:, 0] ^ 1
