@@ -1,15 +1,14 @@
 """Time `wsiseg export --format geojson` (`write_geojson`) and its peak memory on one mask store.
 
-    python tools/bench_geojson.py                       # the demo's mask if `make demo` ran, else a synthetic one
+    python tools/bench_geojson.py                       # the demo's CMU mask if `make demo` ran, else a synthetic one
     python tools/bench_geojson.py --store mask.zarr --level 1 --simplify 0.5 --min-area 20 --out out.geojson
     python tools/bench_geojson.py --profile 25          # plus the 25 costliest functions (cProfile, cumulative)
 
 The export runs in a fresh interpreter (spawned), so its peak RSS is its own: `peak MB` is that
-process's peak resident memory, `over start MB` the part above what it held just before the call
-(interpreter, imports, the opened store). Prints seconds (wall clock, and CPU: steadier on a
-busy machine), both peaks, features and vertices (ring
-coordinates, closing ones included). The code measured is the `wsiseg` that Python imports (set
-PYTHONPATH to measure another checkout).
+process's peak resident memory, `over start MB` how far the call raised it above its peak before
+the call (interpreter, imports, the opened store; 0 for exports lighter than those). Prints seconds (wall clock, and CPU: steadier on a busy
+machine), both peaks, features and vertices (ring coordinates, closing ones included). The code
+measured is the `wsiseg` that Python imports (set PYTHONPATH to measure another checkout).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_OUTPUT = ROOT / "demo_output"
+DEMO_MASK = ROOT / "demo_output" / "segment" / "cmu_svs" / "mask.zarr"  # what `make demo` writes
 
 
 def synthetic_labels(size: int, seed: int) -> np.ndarray:
@@ -61,12 +60,6 @@ def synthetic_store(path: Path, size: int, seed: int) -> Path:
     return path
 
 
-def demo_store() -> Path | None:
-    """The CMU sample's mask of `make demo`, if there is one."""
-    found = sorted(DEMO_OUTPUT.glob("**/mask.zarr")) if DEMO_OUTPUT.is_dir() else []
-    return found[0] if found else None
-
-
 def _vertices(path: Path) -> tuple[int, int]:
     """(features, ring coordinates) of a written GeoJSON."""
     features = json.loads(path.read_text())["features"]
@@ -75,7 +68,7 @@ def _vertices(path: Path) -> tuple[int, int]:
 
 
 def measure(store_path: str, output: str, options: dict[str, Any], profile: int) -> dict[str, Any]:
-    """Write the GeoJSON of `store_path` to `output` with `options`; seconds and peak RSS (run it in a fresh process)."""
+    """Write the GeoJSON of `store_path` to `output` with `options`: seconds and peak RSS (run in a fresh process)."""
     from wsiseg.export.geojson import write_geojson
     from wsiseg.store.masks import MaskStore
 
@@ -97,7 +90,8 @@ def measure(store_path: str, output: str, options: dict[str, Any], profile: int)
         profiler.disable()
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(profile)
         sys.stdout.flush()
-    return {"seconds": round(seconds, 3), "cpu seconds": round(cpu_seconds, 3), "peak MB": round(peak_mb, 1), "over start MB": round(peak_mb - start_mb, 1)}
+    return {"seconds": round(seconds, 3), "cpu seconds": round(cpu_seconds, 3), "peak MB": round(peak_mb, 1),
+            "over start MB": round(peak_mb - start_mb, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = {"level": args.level, "simplify": args.simplify, "min_area": args.min_area}
     with tempfile.TemporaryDirectory() as scratch:
-        store = args.store or (None if args.synthetic else demo_store())
+        store = args.store or (DEMO_MASK if DEMO_MASK.is_dir() and not args.synthetic else None)
         name = str(store) if store else f"synthetic {args.size} px, seed {args.seed}"
         store = store or synthetic_store(Path(scratch) / "mask.zarr", args.size, args.seed)
         output = args.out or Path(scratch) / "mask.geojson"
