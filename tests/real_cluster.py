@@ -13,9 +13,10 @@ from pathlib import Path
 
 
 @contextmanager
-def real_cluster(folder: Path, workers: int = 1, timeout: float = 120.0) -> Iterator[str]:
+def real_cluster(folder: Path, workers: int = 1, timeout: float = 120.0, gpu: bool = True) -> Iterator[str]:
     """Start a scheduler on a free loopback port and `workers` worker processes (each `--nworkers 1
-    --nthreads 1 --resources GPU=1`, under its nanny, so tasks run in daemonic processes); yield its address."""
+    --nthreads 1`, with `--resources GPU=1` when `gpu`, under its nanny, so tasks run in daemonic
+    processes); yield its address."""
     folder.mkdir(parents=True, exist_ok=True)
     scheduler_file = folder / "scheduler.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
@@ -34,7 +35,8 @@ def real_cluster(folder: Path, workers: int = 1, timeout: float = 120.0) -> Iter
         for index in range(workers):
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "dask", "worker", address, "--nworkers", "1", "--nthreads", "1",
-                 "--resources", "GPU=1", "--no-dashboard", "--host", "127.0.0.1", "--name", f"w{index}"],
+                 *(["--resources", "GPU=1"] if gpu else []), "--no-dashboard", "--host", "127.0.0.1",
+                 "--name", f"w{index}"],
                 stdout=logs[index + 1], stderr=subprocess.STDOUT, env=env, cwd=folder,
             ))
         from distributed import Client

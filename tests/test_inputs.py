@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import shutil
 import subprocess
@@ -123,6 +124,15 @@ def test_tissue_all_and_a_mask_file(material: dict[str, Path], samples: dict[str
                         **options)
     labels = np.asarray(zarr.open_group(str(tmp_path / "top" / "mask.zarr"), mode="r")["0"][:])
     assert top["tissue_fraction"] == pytest.approx(0.25) and (labels[64:] == 0).all()
+    mask[:128] = 255  # the user edits the mask file: the finished run no longer answers the request
+    Image.fromarray(mask).save(tmp_path / "top.png")
+    os.utime(tmp_path / "top.png", ns=(1, 1))
+    with pytest.raises(WsisegError, match="finished run with other settings.*--overwrite"):
+        segment_slide(tmp_path / "half.png", material["checkpoint"], tmp_path / "top", tissue=tmp_path / "top.png",
+                      **options)
+    edited = segment_slide(tmp_path / "half.png", material["checkpoint"], tmp_path / "top", tissue=tmp_path / "top.png",
+                           overwrite=True, **options)
+    assert edited["tissue_fraction"] == pytest.approx(0.5) and not edited.get("reused")
     Image.fromarray(np.full((256, 256, 3), 250, np.uint8)).save(tmp_path / "glass.png")
     with pytest.raises(WsisegError, match="no tissue found in glass.png .*--tissue all"):
         segment_slide(tmp_path / "glass.png", material["checkpoint"], tmp_path / "glass", **options)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from tests.blend_reference import blend_in_memory, finalise
+from tests.real_cluster import real_cluster
 from tests.train_fixtures import save_tiny_vit
 from wsiseg.engine.blend import window_weights
 from wsiseg.engine.loader import partition
@@ -298,12 +299,9 @@ def test_tile_store_input(samples: dict[str, Path], checkpoint: Path, tmp_path: 
 @pytest.mark.slow
 def test_several_slides_on_a_dask_cluster(he_png: Path, samples: dict[str, Path], checkpoint: Path,
                                          tmp_path: Path) -> None:
-    from distributed import LocalCluster
-
     slides = [he_png, samples["unopenable_tiff"]]
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1},
-                      dashboard_address=None) as cluster:
-        results = segment_slides(slides, checkpoint, tmp_path, skip_errors=True, scheduler=cluster.scheduler_address,
+    with real_cluster(tmp_path / "cluster") as address:
+        results = segment_slides(slides, checkpoint, tmp_path, skip_errors=True, scheduler=address,
                                  slide_mpp=2.0, mpp=2.0, exports=(), workers=0)
     assert [r.status for r in results] == ["done", "failed"]
     assert (tmp_path / "he" / "mask.zarr").is_dir() and not (tmp_path / "unopenable_tiff").exists()
@@ -377,15 +375,13 @@ def test_fseg_slide_closes_the_slides_it_opened(he_png: Path, tmp_path: Path, mo
 @pytest.mark.slow
 @pytest.mark.timeout(90)  # before the fix, the run hung
 def test_cluster_without_gpu_resources(he_png: Path, checkpoint: Path, tmp_path: Path) -> None:
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    with real_cluster(tmp_path / "cluster", gpu=False) as address:
         # device auto on CPU-only workers: the task needs no GPU resource, so it is scheduled and runs
-        results = segment_slides([he_png], checkpoint, tmp_path / "auto", scheduler=cluster.scheduler_address,
+        results = segment_slides([he_png], checkpoint, tmp_path / "auto", scheduler=address,
                                  slide_mpp=2.0, mpp=2.0, exports=(), workers=0)
         assert [r.status for r in results] == ["done"]
         with pytest.raises(WsisegError, match="no worker .* GPU resource.*--resources GPU=1"):
-            segment_slides([he_png], checkpoint, tmp_path / "cuda", scheduler=cluster.scheduler_address,
+            segment_slides([he_png], checkpoint, tmp_path / "cuda", scheduler=address,
                            device="cuda", slide_mpp=2.0, mpp=2.0, exports=(), workers=0)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 
 import numpy as np
@@ -12,6 +13,7 @@ import zarr
 from PIL import Image
 
 from tests.ome_zarr_check import validate, walk_without_warnings
+from tests.real_cluster import real_cluster
 from tests.test_slide_reader import CMU_SIZES, openslide_on_white
 from wsiseg.errors import WsisegError
 from wsiseg.outputs import TEMPORARY_GLOB, partial_path, temporary_sibling
@@ -166,6 +168,42 @@ def test_existing_and_mismatched_outputs(samples, tmp_path):
     assert not other.exists()
 
 
+def test_another_tissue_request_is_not_the_same_store(samples, tmp_path):
+    out, roi = tmp_path / "s.zarr", small_mask(tmp_path)
+    kwargs = {"workers": 0, "progress": False}
+    detected = tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, **kwargs).tissue.fraction
+    with pytest.raises(WsisegError, match=r"already exists and holds other settings \(--tissue\).*--overwrite"):
+        tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, tissue="all", **kwargs)
+    everything = tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, tissue="all", overwrite=True, **kwargs)
+    assert everything.tissue.fraction == 1.0 > detected
+    assert tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, tissue="all", **kwargs).tissue.fraction == 1.0
+    # a mask file is one request as long as the file is unchanged; an edited mask is another
+    square = tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, tissue=roi, overwrite=True, **kwargs).tissue.fraction
+    assert tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, tissue=roi, **kwargs).is_complete
+    roi.write_text(small_mask(tmp_path, size=900).read_text())
+    os.utime(roi, ns=(1, 1))
+    with pytest.raises(WsisegError, match=r"\(--tissue\)"):
+        tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, tissue=roi, **kwargs)
+    # an interrupted run is resumed only with its own tissue request
+    out.rename(partial_path(out))
+    with pytest.raises(WsisegError, match=r"interrupted run with other settings \(--tissue\)"):
+        tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, **kwargs)
+    assert 0 < square < detected
+
+
+def test_store_tiled_before_tissue_requests_were_recorded_is_reused(samples, tmp_path):
+    out = tmp_path / "s.zarr"
+    kwargs = {"workers": 0, "progress": False}
+    store = tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, **kwargs)
+    stamps = {p: store.chunk_file(*p).stat().st_mtime_ns for p in store.tissue_tiles()}
+    group = zarr.open_group(str(out), mode="r+")
+    group.attrs["wsiseg"] = {k: v for k, v in group.attrs["wsiseg"].items() if k != "tissue_request"}
+    reused = tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, **kwargs)  # detected then, detected now
+    assert {p: reused.chunk_file(*p).stat().st_mtime_ns for p in stamps} == stamps
+    with pytest.raises(WsisegError, match=r"\(--tissue\)"):
+        tile_slide(samples["cmu_pyramid_tiff"], out, 4.0, tissue="all", **kwargs)
+
+
 def test_no_tissue_gives_an_empty_complete_store(tmp_path, caplog):
     Image.fromarray(np.full((400, 600, 3), 250, np.uint8)).save(tmp_path / "blank.png")
     with caplog.at_level(logging.WARNING, logger="wsiseg"):
@@ -189,12 +227,10 @@ def test_dask_workers_write_every_chunk(samples, tmp_path):
 
 
 @pytest.mark.slow
-def test_existing_scheduler_with_threaded_workers(samples, tmp_path):
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
-        store = tile_slide(samples["cmu_pyramid_tiff"], tmp_path / "s.zarr", 1.0, tile=128,
-                           scheduler=cluster.scheduler_address, progress=False)
+def test_existing_scheduler_with_two_workers(samples, tmp_path):
+    with real_cluster(tmp_path / "cluster", workers=2) as address:
+        store = tile_slide(samples["cmu_pyramid_tiff"], tmp_path / "s.zarr", 1.0, tile=128, scheduler=address,
+                           progress=False)
     positions = store.tissue_tiles()
     assert len(positions) > 30 and len(store.stored_tiles(positions)) == len(positions)
     with open_slide(samples["cmu_pyramid_tiff"]) as slide:

@@ -40,11 +40,14 @@ def tissue_regions(tissue: Any, mpp: float, width: int, height: int) -> list[Reg
 
 
 def read_region(view: SourceView, region: Region, window: int, mpp: float) -> np.ndarray:
-    """The RGB pixels of a region at `mpp`; a slide's region larger than the window is read at the coarser MPP
-    that makes its longer side the window, so memory stays bounded by the window, not by the region."""
+    """The RGB pixels of a region at `mpp`, or coarser where it is larger than the window, so memory stays bounded
+    by the window, not by the region: a slide's is read at the MPP that makes its longer side the window, a tile
+    store's from the coarsest pyramid level at least as fine (under 2x the window per side)."""
     x, y, w, h = region
     factor = max(w, h) / window
-    if view.kind == "slide" and factor > 1:
+    if view.kind == "tiles":
+        return view.reader.read_coarse(x, y, w, h, factor)
+    if factor > 1:
         rw, rh = min(window, max(1, round(w / factor))), min(window, max(1, round(h / factor)))
         return view.reader.read(round(x / factor), round(y / factor), rw, rh, mpp * factor)
     return view.reader.read(x, y, w, h, mpp)

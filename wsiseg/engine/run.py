@@ -33,6 +33,7 @@ from wsiseg.export.choices import EXPORTS
 from wsiseg.outputs import check_writable, finish_publish, partial_path, publish_together, remove
 from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.slide.grid import Frame, Grid
+from wsiseg.slide.mask import tissue_request
 from wsiseg.store.masks import MaskStore
 
 log = get_logger("engine")
@@ -115,7 +116,7 @@ def fingerprint_settings(settings: RunSettings, stride: int, model_info: dict[st
         "mode": settings.mode, "mpp": float(settings.mpp), "window": int(settings.window), "stride": stride,
         "blend": settings.blend, "background": int(settings.background),
         "probabilities": bool(settings.save_probabilities), "model": model_info,
-        "clip_to_tissue": bool(settings.clip_to_tissue), "tissue": str(settings.tissue),
+        "clip_to_tissue": bool(settings.clip_to_tissue), "tissue": tissue_request(settings.tissue),
         **({"resize_version": RESIZE_VERSION} if settings.mode == "resize" else {}),
     }
 
@@ -129,6 +130,8 @@ def _fingerprint(view: SourceView, settings: dict[str, Any], predictor: Predicto
         "source_mtime": stat.st_mtime if stat else None,
         "classes": list(predictor.class_names),
         **settings,
+        # a tile store's large resize regions are read from its pyramid: a run of the full-size reads is not resumed
+        **({"store_read": "pyramid"} if view.kind == "tiles" and "resize_version" in settings else {}),
     }
 
 

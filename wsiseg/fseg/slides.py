@@ -19,6 +19,7 @@ from wsiseg.fseg.api import fit_concepts, fseg_slide
 from wsiseg.fseg.options import BANK_NAME, FsegOptions, fseg_request, with_defaults
 from wsiseg.locks import output_lock
 from wsiseg.progress import get_logger
+from wsiseg.slide.mask import tissue_request
 
 log = get_logger("fseg")
 
@@ -32,7 +33,7 @@ def shared_bank(slides: list[Path], out: Path, settings: RunSettings, fseg: Fseg
         "slides": [str(path.resolve()) for path in slides], "k": fseg.k, "model": fseg.model,
         "weights": str(fseg.weights) if fseg.weights else None, "layer": fseg.layer,
         "mpp": settings.mpp, "window": settings.window, "fit_windows": fseg.fit_windows, "seed": fseg.seed,
-        "tissue": str(settings.tissue),
+        "tissue": tissue_request(settings.tissue),
     }))
     path = out / BANK_NAME
     if path.is_file():

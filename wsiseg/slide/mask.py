@@ -77,3 +77,13 @@ def check_tissue_option(tissue: str | Path | None) -> str | Path:
     if not path.is_file():
         raise WsisegError(f"no such tissue mask file: {path}; check the --tissue path")
     return path
+
+
+def tissue_request(tissue: str | Path | None) -> str | dict[str, object]:
+    """What a `--tissue` value asks for, as a run records it to know whether a rerun asks the same:
+    auto or all, or a mask file's path, size and modification time (an edited mask is another request)."""
+    tissue = check_tissue_option(tissue)
+    if isinstance(tissue, str):
+        return tissue
+    stat = tissue.stat()
+    return {"path": str(tissue.resolve()), "size": stat.st_size, "mtime": stat.st_mtime}

@@ -135,6 +135,7 @@ class TileStore:
         if self.attrs.get("kind") != "tiles":
             raise WsisegError(f"{self.path} is not a wsiseg tile store; create one with `wsiseg tile`")
         self._array: zarr.Array | None = None
+        self._levels: dict[int, zarr.Array | None] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> TileStore:
@@ -145,7 +146,7 @@ class TileStore:
         return {"path": self.path, "attrs": self.attrs}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path, self.attrs, self._array = state["path"], state["attrs"], None
+        self.path, self.attrs, self._array, self._levels = state["path"], state["attrs"], None, {}
 
     def __repr__(self) -> str:
         return f"TileStore({str(self.path)!r}, {self.width}x{self.height} at {self.mpp} MPP)"
@@ -156,6 +157,15 @@ class TileStore:
         if self._array is None:
             self._array = zarr.open_array(str(self.path / IMAGE), mode="r")
         return self._array
+
+    def pyramid_level(self, level: int) -> zarr.Array | None:
+        """Level `level` (>= 1) of the image pyramid, None where the store has none (stores tiled before it)."""
+        if level not in self._levels:
+            try:
+                self._levels[level] = zarr.open_array(str(self.path / str(level)), mode="r")
+            except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+                self._levels[level] = None
+        return self._levels[level]
 
     # --- metadata --------------------------------------------------------------------------
     mpp = property(lambda self: float(self.attrs["mpp"]), doc="MPP of the stored image.")
@@ -199,12 +209,17 @@ class TileStore:
     def read(self, x: int, y: int, width: int, height: int, mpp: float | None = None) -> np.ndarray:
         """RGB uint8 (height, width, 3) of a box of the stored image; white outside it and where not stored."""
         self._check_mpp(mpp)
-        out = np.full((height, width, 3), 255, np.uint8)
-        x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + width, self.width), min(y + height, self.height)
-        if x1 > x0 and y1 > y0:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = np.asarray(self.array[:, y0:y1, x0:x1]).transpose(1, 2, 0)
-        return out
+        return read_box(self.array, x, y, width, height)
+
+    def read_coarse(self, x: int, y: int, width: int, height: int, factor: float) -> np.ndarray:
+        """A box of the stored image from the coarsest pyramid level at least as fine as `factor` x its MPP
+        (downsample 2^L <= factor): about (height, width) / 2^L pixels; the full-size box without a pyramid."""
+        level, array = 0, self.array
+        while 2 ** (level + 1) <= factor and (coarser := self.pyramid_level(level + 1)) is not None:
+            level, array = level + 1, coarser
+        scale = 2**level
+        return read_box(array, round(x / scale), round(y / scale), max(1, round(width / scale)),
+                        max(1, round(height / scale)))
 
     @property
     def bounds(self) -> Bounds:
@@ -225,8 +240,8 @@ class TileStore:
         return out
 
     def close(self) -> None:
-        """Forget the open array (it reopens on the next read)."""
-        self._array = None
+        """Forget the open arrays (they reopen on the next read)."""
+        self._array, self._levels = None, {}
 
     def __enter__(self) -> TileStore:
         return self
@@ -258,6 +273,16 @@ class TileStore:
     def tissue_tiles(self) -> list[tuple[int, int]]:
         """Positions of the tiles holding tissue: the ones a complete store has written."""
         return self.grid.tissue_positions(self.tissue, self.mpp)
+
+
+def read_box(array: zarr.Array, x: int, y: int, width: int, height: int) -> np.ndarray:
+    """RGB uint8 (height, width, 3) of a box of a (3, H, W) image array; white outside it."""
+    out = np.full((height, width, 3), 255, np.uint8)
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + width, array.shape[2]), min(y + height, array.shape[1])
+    if x1 > x0 and y1 > y0:
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = np.asarray(array[:, y0:y1, x0:x1]).transpose(1, 2, 0)
+    return out
 
 
 class ChunkWriter:

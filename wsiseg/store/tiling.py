@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -18,6 +19,7 @@ from wsiseg.locks import output_lock
 from wsiseg.outputs import check_writable, partial_path, publish, remove
 from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.slide.grid import Grid
+from wsiseg.slide.mask import tissue_request
 from wsiseg.slide.reader import Slide, open_slide
 from wsiseg.slide.tissue import TissueMask, TissueSettings, check_tissue_option, qc_picture, resolve_tissue, save_png
 from wsiseg.store.tiles import (
@@ -27,8 +29,12 @@ from wsiseg.store.tiles import (
 log = get_logger("tile")
 
 QC_SIDE = 1024
-# Settings that must match for a partial store to be resumed.
-RESUME_KEYS = ("source", "mpp", "slide_mpp", "width", "height", "tile", "origin")
+# Settings that must match for a partial store to be resumed (or a finished one reused), by the option
+# that sets them.
+RESUME_KEYS = {
+    "source": "the slide", "mpp": "--mpp", "slide_mpp": "--slide-mpp", "width": "--mpp", "height": "--mpp",
+    "tile": "--tile", "origin": "the slide", "tissue_request": "--tissue",
+}
 
 
 # --- executors --------------------------------------------------------------------------------
@@ -129,7 +135,7 @@ def _run_tiles(
 
 
 # --- one slide --------------------------------------------------------------------------------
-def _settings(slide: Slide, mpp: float, tile: int) -> dict[str, Any]:
+def _settings(slide: Slide, mpp: float, options: TileSettings) -> dict[str, Any]:
     frame = slide.frame(mpp)
     bounds = slide.bounds
     return {
@@ -140,7 +146,9 @@ def _settings(slide: Slide, mpp: float, tile: int) -> dict[str, Any]:
         "slide_mpp_source": "override" if slide.slide_mpp is not None else "metadata",
         "width": frame.width,
         "height": frame.height,
-        "tile": tile,
+        "tile": options.tile,
+        "tissue_request": json.loads(json.dumps(  # as the store's JSON gives it back
+            {"tissue": tissue_request(options.tissue), "options": options.tissue_options or {}})),
         "origin": list(frame.origin),
         "slide_size": [bounds.width, bounds.height],
         "slide_dimensions": list(slide.level_dimensions[0]),
@@ -155,12 +163,28 @@ def _resumable(partial: Path, settings: dict[str, Any]) -> TileStore | None:
         store = TileStore.open(partial)
     except WsisegError:
         store = None
-    if store is None or any(store.attrs.get(k) != settings[k] for k in RESUME_KEYS):
+    if store is None:
+        raise WsisegError(f"{partial}, left by an interrupted run, is not a readable tile store: pass --overwrite "
+                          "to start again")
+    differing = _differing(store, settings)
+    if differing:
         raise WsisegError(
-            f"{partial} holds an interrupted run with other settings: pass --overwrite to start again, "
-            "or rerun with the same --mpp, --tile and --slide-mpp to resume it"
+            f"{partial} holds an interrupted run with other settings ({', '.join(differing)}): pass --overwrite "
+            "to start again, or rerun with its settings to resume it"
         )
     return store
+
+
+def _differing(store: TileStore, settings: dict[str, Any]) -> list[str]:
+    """The options by which `settings` differ from those `store` was tiled with."""
+    stored = {**store.attrs, "tissue_request": store.attrs.get("tissue_request", _legacy_request(store.attrs))}
+    return list(dict.fromkeys(flag for key, flag in RESUME_KEYS.items() if stored.get(key) != settings[key]))
+
+
+def _legacy_request(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The tissue request of a store tiled before stores recorded it, as far as its tissue source tells."""
+    source = attrs.get("tissue", {}).get("source")
+    return {"tissue": {"detected": "auto"}.get(source, source), "options": {}}
 
 
 def _new_store(partial: Path, slide: Slide, settings: dict[str, Any], tissue: TissueMask, mask_source: str) -> TileStore:
@@ -190,11 +214,14 @@ def _finished(out: Path, settings: dict[str, Any], overwrite: bool) -> TileStore
         store = TileStore.open(out)
     except WsisegError:
         store = None
-    if store is not None and store.is_complete and all(store.attrs.get(k) == settings[k] for k in RESUME_KEYS):
+    if store is None:
+        raise WsisegError(f"{out} already exists and is not a tile store: pass --overwrite to replace it, "
+                          "or choose another output path")
+    differing = _differing(store, settings)
+    if store.is_complete and not differing:
         return store
-    raise WsisegError(
-        f"{out} already exists and holds other settings: pass --overwrite to replace it, or choose another output path"
-    )
+    why = f"holds other settings ({', '.join(differing)})" if differing else "holds an unfinished store"
+    raise WsisegError(f"{out} already exists and {why}: pass --overwrite to replace it, or choose another output path")
 
 
 def tile_slide(
@@ -222,7 +249,7 @@ def tile_slide(
 def _tile(slide: Slide, out: Path, mpp: float, options: TileSettings, client: Any) -> tuple[TileStore, int | None]:
     """`tile_slide` of an open slide: (the store, tiles written, or None when a finished run is reused)."""
     threads, tile = options.threads, options.tile
-    settings = _settings(slide, mpp, tile)
+    settings = _settings(slide, mpp, options)
     if mpp < slide.mpp * (1 - 1e-6):
         log.warning(
             "%s: target %g MPP is finer than the slide's %g: upsampling %.2fx (no detail is added)",
