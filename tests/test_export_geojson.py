@@ -12,7 +12,16 @@ from PIL import Image
 from shapely.geometry import shape
 
 from wsiseg.errors import WsisegError
-from wsiseg.export.geojson import absorb_small_regions, coverage_faces
+from wsiseg.export import geojson
+from wsiseg.export.geojson import (
+    _number_bytes,
+    _segments,
+    absorb_small_regions,
+    class_faces,
+    coverage_faces,
+    merged_lines,
+    write_geojson,
+)
 from wsiseg.export.mask import export_mask
 from wsiseg.slide.grid import Frame
 from wsiseg.store.masks import MaskStore
@@ -81,6 +90,72 @@ def test_faces_are_an_exact_coverage_whatever_the_bands() -> None:
         for value in range(3):
             a, b = shapely.union_all(faces[values == value]), shapely.union_all(whole[whole_labels == value])
             assert shapely.symmetric_difference(a, b).area == 0
+
+
+def _label_images() -> list[tuple[np.ndarray, int]]:
+    """(labels, band rows): nested regions, blobs with small nuclei, and random small label noise."""
+    rng = np.random.default_rng(7)
+    noise = [(rng.integers(0, classes, (h, w)).astype(np.uint8), band)
+             for classes, h, w, band in zip([1, 2, 3, 5, 4], [1, 9, 31, 40, 17], [1, 23, 8, 40, 33], [1024, 3, 7, 16, 1])]
+    islands = np.zeros((40, 60), np.uint8)  # isolated loops of 4, 6, 8, ... segments once cut at the band seams
+    for height in range(1, 9):
+        islands[2 + 4 * (height % 2) : 2 + 4 * (height % 2) + height, 7 * height : 7 * height + 3] = 1 + height % 3
+    return [(_labels(), 1000), (_labels(), 7), (_blobby(300, 260, seed=5), 64), (_blobby(600, 520, seed=4), 1024),
+            (islands, 2), (islands, 3), *noise]
+
+
+def test_lines_merge_as_geos_merges_them() -> None:
+    """The traced segments merge into GEOS's lines exactly (same lines, order, direction): polygonize sees what it saw."""
+    for labels, band in _label_images():
+        start, stop, vertical = _segments(labels, band)
+        segments = shapely.linestrings(np.stack([start, stop], axis=1).astype(np.float64))
+        expected = shapely.get_parts(shapely.line_merge(shapely.multilinestrings(segments)))
+        merged = merged_lines(start, stop, vertical)
+        assert np.array_equal(shapely.get_num_coordinates(merged), shapely.get_num_coordinates(expected))
+        assert np.array_equal(shapely.get_coordinates(merged), shapely.get_coordinates(expected))
+        assert np.all(vertical == (start[:, 0] == stop[:, 0])) and np.all(stop >= start)
+
+
+def test_numbers_are_written_as_their_repr() -> None:
+    rng = np.random.default_rng(3)
+    values = np.round(np.concatenate([rng.uniform(-5000, 5000, 5000), rng.uniform(-1, 1, 500), rng.uniform(0, 1e11, 50),
+                                      [0.0, -0.0, -0.0004, 1.0, 999.0, 1000.0, 0.001, 0.5, 123456.789, 1e-5]]), 3)
+    chars, keep = _number_bytes(values)
+    text, ends = chars[keep].tobytes().decode(), np.cumsum(keep.sum(axis=1)).tolist()
+    assert [text[a:b] for a, b in zip([0, *ends], ends)] == [repr(value) for value in values.tolist()]
+    with pytest.raises(WsisegError, match="beyond"):
+        _number_bytes(np.array([2e12]))
+
+
+@pytest.mark.parametrize("simplify, min_area", [(0.0, 0.0), (0.3, 0.0), (0.0, 3.0)])
+def test_written_text_is_json_of_the_polygons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, simplify: float,
+                                              min_area: float) -> None:
+    """Byte for byte what json.dumps writes of the features with shapely's `mapping` of each polygon, in runs or not."""
+    labels = _blobby(200, 170, seed=8)
+    store = MaskStore.create(tmp_path / "mask.zarr", Frame(170, 200, 0.25, 0.2493, (-30, 7.5)),
+                             class_names=["bg", "tumour", "stroma", "fat", "nuclei"], chunk=64)
+    store.write_rows(0, labels)
+    store.finish()
+    polygons, values, areas = class_faces(store, 0, simplify, min_area)
+    features = [{"type": "Feature", "geometry": shapely.geometry.mapping(polygon),
+                 "properties": {"objectType": "annotation",
+                                "classification": {"name": store.class_names[value], "color": list(store.colors[value])},
+                                "measurements": {"Area µm^2": round(float(area), 3)}}}
+                for polygon, value, area in zip(polygons, values, areas)]
+    expected = json.dumps({"type": "FeatureCollection", "features": features}, ensure_ascii=False)
+    written = write_geojson(store, tmp_path / "mask.geojson", 0, simplify, min_area).read_text()
+    assert written == expected and len(features) > 20
+    monkeypatch.setattr(geojson, "VERTICES_PER_WRITE", 300)  # many runs, a few polygons alone in theirs
+    assert write_geojson(store, tmp_path / "runs.geojson", 0, simplify, min_area).read_text() == expected
+    assert shapely.get_num_coordinates(polygons).max() > 300
+    assert any(x < 0 for polygon in polygons for x in shapely.get_coordinates(polygon)[:, 0])
+
+
+def test_a_mask_of_background_alone_writes_no_features(tmp_path: Path) -> None:
+    store = _store(tmp_path / "mask.zarr", np.zeros((40, 30), np.uint8))
+    written = write_geojson(store, tmp_path / "mask.geojson").read_text()
+    assert json.loads(written) == {"type": "FeatureCollection", "features": []}
+    assert written == json.dumps(json.loads(written))
 
 
 def test_geojson_export(tmp_path: Path) -> None:

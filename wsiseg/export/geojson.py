@@ -1,7 +1,9 @@
 """Label masks as GeoJSON that QuPath imports as the mask: one polygon coverage of all classes, in slide pixels.
 
 Tracing: the pixel edges of the traced pyramid level between different labels are cut into
-maximal straight runs wherever the pair of labels on their two sides changes, and polygonized.
+maximal straight runs wherever the pair of labels on their two sides changes, merged into lines
+between junctions (in numpy, into the very lines GEOS's line merger makes, in its order, so the
+polygons come out as they did through it), and polygonized.
 The faces are exactly the regions of one label (a face's area is its pixel count), and
 neighbouring faces share their edges vertex for vertex: together they form a polygon coverage.
 Regions under `min_area` are first relabelled, in the raster, as the neighbour they share the
@@ -9,7 +11,8 @@ longest edge with; the coverage is simplified as a whole (shapely's `coverage_si
 no overlaps and no gaps between classes. The background faces take part and are left out of the
 file.
 
-Coordinates are level-0 pixels of the source slide (QuPath's convention): pixel (c, r) of
+The file is written a run of features at a time, its numbers formatted in numpy as json.dumps
+would write them. Coordinates are level-0 pixels of the source slide (QuPath's convention): pixel (c, r) of
 pyramid level L covers mask pixels [c 2^L, (c + 1) 2^L) x [r 2^L, (r + 1) 2^L), which map to the
 slide by the mask MPP over the slide's base MPP, plus the slide's bounds origin.
 """
@@ -17,6 +20,7 @@ slide by the mask MPP over the slide's base MPP, plus the slide's bounds origin.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,10 @@ from wsiseg.store.masks import MaskStore
 MAX_TRACE_PIXELS = 25_000_000  # default level: the finest one at most this large
 BAND_ROWS = 1024
 OUTSIDE = -1  # the label beyond the mask's edges
-COORDINATE_DECIMALS = 3
+COORDINATE_DECIMALS = 3  # one group of DIGIT_GROUPS, as _number_bytes writes them
+DIGIT_GROUPS = np.array([list(f"{group:03d}".encode()) for group in range(1000)], np.uint8)  # ASCII
+FRACTION_KEEP = np.array([[True, group % 100 != 0, group % 10 != 0] for group in range(1000)])
+VERTICES_PER_WRITE = 50_000  # coordinates formatted as text at a time (a larger polygon goes alone)
 
 
 def choose_level(store: MaskStore, max_pixels: int = MAX_TRACE_PIXELS) -> int:
@@ -43,21 +50,24 @@ def choose_level(store: MaskStore, max_pixels: int = MAX_TRACE_PIXELS) -> int:
 def _edge_runs(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(line, start, stop) of the maximal runs along axis 1 where `first` != `second` with one label pair."""
     edge = first != second
-    pair = first.astype(np.int64) * 2**32 + second
     continues = np.zeros_like(edge)  # the edge at i continues the one at i - 1
-    continues[:, 1:] = edge[:, 1:] & edge[:, :-1] & (pair[:, 1:] == pair[:, :-1])
+    continues[:, 1:] = edge[:, 1:] & edge[:, :-1] & (first[:, 1:] == first[:, :-1]) & (second[:, 1:] == second[:, :-1])
     starts = edge & ~continues
-    stops = edge.copy()
+    stops = edge  # reused in place
     stops[:, :-1] &= ~continues[:, 1:]
     lines, start = np.nonzero(starts)
     _, stop = np.nonzero(stops)
     return lines, start, stop + 1
 
 
-def _segments(labels: Any, band_rows: int) -> np.ndarray:
-    """(n, 2, 2) pixel-edge segments (x, y) between different labels of an (H, W) array, read in row bands."""
+def _segments(labels: Any, band_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, stop, vertical): the pixel-edge segments between different labels of an (H, W) array, read in row bands.
+
+    `start` and `stop` are (n, 2) integer corners (x, y), `stop` after `start` along the
+    segment's axis; vertical segments are cut at the bands' seams.
+    """
     height, width = labels.shape
-    segments = []
+    starts, stops, vertical = [], [], []
     for y0 in range(0, height, band_rows):
         y1 = min(y0 + band_rows, height)
         # rows y0 - 1 .. y1, OUTSIDE beyond the mask
@@ -69,13 +79,113 @@ def _segments(labels: Any, band_rows: int) -> np.ndarray:
         last = 1 if y1 == height else 0
         rows = slice(0, y1 - y0 + last)
         line, start, stop = _edge_runs(band[:-1, 1:-1][rows], band[1:, 1:-1][rows])
-        y = (line + y0).astype(np.float64)
-        segments.append(np.stack([np.stack([start, y], 1), np.stack([stop, y], 1)], 1))
+        starts.append(np.stack([start, line + y0], 1))
+        stops.append(np.stack([stop, line + y0], 1))
+        vertical.append(np.zeros(len(line), bool))
         # vertical edges at x = 0 .. width of the band's own rows
         line, start, stop = _edge_runs(band[1:-1, :-1].T, band[1:-1, 1:].T)
-        x = line.astype(np.float64)
-        segments.append(np.stack([np.stack([x, start + y0], 1), np.stack([x, stop + y0], 1)], 1))
-    return np.concatenate(segments).astype(np.float64)
+        starts.append(np.stack([line, start + y0], 1))
+        stops.append(np.stack([line, stop + y0], 1))
+        vertical.append(np.ones(len(line), bool))
+    return np.concatenate(starts), np.concatenate(stops), np.concatenate(vertical)
+
+
+def _merge_graph(start: np.ndarray, stop: np.ndarray, vertical: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The segments' directed edges (2e: start -> stop, 2e + 1: back) as GEOS's line merger sees them.
+
+    Returns (key, out, from_node, nodes, span): each directed edge's order key (its from-node in
+    GEOS's node order, x then y, then its slot in the node's star: +x, +y, -x, -y, counter-clockwise
+    as GEOS sorts it), the (nodes, 4) table of out-edges by slot (-1: none), each directed edge's
+    from-node, and the nodes' keys x * span + y.
+    """
+    span = int(stop[:, 1].max()) + 1
+    ends = np.stack([start[:, 0] * span + start[:, 1], stop[:, 0] * span + stop[:, 1]], 1).reshape(-1)
+    slots = (vertical.astype(np.int64)[:, None] + np.array([0, 2])).reshape(-1)
+    nodes, from_node = np.unique(ends, return_inverse=True)
+    out = np.full((len(nodes), 4), -1, np.int32)
+    out[from_node, slots] = np.arange(len(ends))
+    return ends * 4 + slots, out, from_node, nodes, span
+
+
+def _walk_ranks(pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(head, rank, cyclic) of every directed edge along predecessor links (-1: none), by pointer jumping.
+
+    `head` is the first edge of each one's walk, `rank` its steps from there; `cyclic` marks the
+    edges on cycles (no head: their head and rank mean nothing). Each round settles some edge of
+    every walk still unsettled, so a round that settles none leaves only cycles.
+    """
+    parent = np.where(pred >= 0, pred, np.arange(len(pred)))
+    rank = (pred >= 0).astype(np.int64)  # the steps from each edge back to its parent
+    active = np.flatnonzero(pred[parent] >= 0)  # those whose parent is not their walk's head
+    while True:
+        up = parent[active]
+        rank[active] += rank[up]
+        parent[active] = parent[up]
+        unsettled = active[pred[parent[active]] >= 0]
+        if len(unsettled) == len(active):
+            break
+        active = unsettled
+    cyclic = np.zeros(len(pred), bool)
+    cyclic[active] = True
+    return parent, rank, cyclic
+
+
+def _cycle_firsts(pred: np.ndarray, key: np.ndarray, cyclic: np.ndarray) -> np.ndarray:
+    """The lowest-key edge on each `cyclic` edge's cycle (others: themselves), by windows doubling until none changes."""
+    cycle = np.flatnonzero(cyclic)
+    lowest, parent = np.arange(len(pred)), pred.copy()
+    while True:
+        candidate = lowest[parent[cycle]]
+        better = key[candidate] < key[lowest[cycle]]
+        if not better.any():
+            return lowest
+        lowest[cycle] = np.where(better, candidate, lowest[cycle])
+        parent[cycle] = parent[parent[cycle]]
+
+
+def _walks(key: np.ndarray, out: np.ndarray, from_node: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(walked, first, rank, loop) per segment: the walks GEOS's line merger takes through the directed edges.
+
+    Lines run between nodes not of degree 2; each starts at its end first in the merger's node
+    and star order. Isolated loops (all nodes of degree 2) start at their first node and its first
+    out-edge. For each segment: the directed edge of it walked, the walk's first directed edge, its
+    steps from there, and whether the walk is an isolated loop.
+    """
+    degree = (out >= 0).sum(axis=1, dtype=np.int8)
+    pair = np.sort(out[degree == 2], axis=1)[:, 2:]  # the two out-edges of each node of degree 2
+    pred = np.full(len(key), -1, np.int64)
+    pred[pair[:, 0]], pred[pair[:, 1]] = pair[:, 1] ^ 1, pair[:, 0] ^ 1
+    head, rank, cyclic = _walk_ranks(pred)
+    first = np.where(cyclic, _cycle_firsts(pred, key, cyclic), head)  # of the walk each directed edge is on
+    walked = np.arange(0, len(key), 2) + (key[first[1::2]] < key[first[0::2]])  # the direction that starts first
+    loop = cyclic[walked]
+    cut = np.full(len(key), -1, np.int64)  # the loops' walks, cut at their first edges
+    cut[walked[loop]] = pred[walked[loop]]
+    cut[first[walked[loop]]] = -1
+    return walked, first[walked], np.where(loop, _walk_ranks(cut)[1][walked], rank[walked]), loop
+
+
+def merged_lines(start: np.ndarray, stop: np.ndarray, vertical: np.ndarray) -> np.ndarray:
+    """The segments merged into lines between junctions: the same lines, in the same order, as GEOS's line merger.
+
+    Lines with more reversed than forward segments are reversed, as the merger does.
+    """
+    import shapely
+
+    key, out, from_node, nodes, span = _merge_graph(start, stop, vertical)
+    walked, first, rank, loop = _walks(key, out, from_node)
+    order = np.lexsort((rank, key[first], loop))  # lines from junctions first, each in the merger's order
+    walked, first, rank = walked[order], first[order], rank[order]
+    begins = np.concatenate([[True], first[1:] != first[:-1]])
+    line = np.cumsum(begins) - 1
+    lengths = np.bincount(line)
+    flip = 2 * np.bincount(line, weights=walked & 1) > lengths
+    offsets = np.cumsum(lengths + 1) - lengths - 1
+    points = np.empty(offsets[-1] + lengths[-1] + 1, np.int64)
+    points[offsets[line] + np.where(flip[line], lengths[line] - rank - 1, rank + 1)] = nodes[from_node[walked ^ 1]]
+    points[offsets + np.where(flip, lengths, 0)] = nodes[from_node[first[begins]]]
+    coords = np.stack([points // span, points % span], axis=1).astype(np.float64)
+    return shapely.linestrings(coords, indices=np.repeat(np.arange(len(lengths)), lengths + 1))
 
 
 def coverage_faces(labels: Any, band_rows: int = BAND_ROWS) -> tuple[np.ndarray, np.ndarray]:
@@ -85,10 +195,8 @@ def coverage_faces(labels: Any, band_rows: int = BAND_ROWS) -> tuple[np.ndarray,
     """
     import shapely
 
-    lines = shapely.linestrings(_segments(labels, band_rows))
-    # chained between junctions first, polygonizing is faster (10.8 -> 8.7-9.9 s on 9 Mpx with 20k nuclei)
-    chains = shapely.get_parts(shapely.line_merge(shapely.multilinestrings(lines)))
-    faces = shapely.get_parts(shapely.polygonize(chains))
+    # merged into lines between junctions first, polygonizing is faster (10.8 -> 8.7-9.9 s on 9 Mpx, 20k nuclei)
+    faces = shapely.get_parts(shapely.polygonize(merged_lines(*_segments(labels, band_rows))))
     inside = shapely.get_coordinates(shapely.point_on_surface(faces))
     rows, cols = np.floor(inside[:, 1]).astype(np.int64), np.floor(inside[:, 0]).astype(np.int64)
     values = np.empty(len(faces), np.int64)
@@ -99,54 +207,77 @@ def coverage_faces(labels: Any, band_rows: int = BAND_ROWS) -> tuple[np.ndarray,
     return faces, values
 
 
+def _regions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(regions, region_label): the 4-connected regions of equal label, numbered from 1, and each one's label."""
+    from skimage.measure import label as connected_regions
+
+    regions = connected_regions(labels.astype(np.int32), background=-1, connectivity=1)  # no value is background
+    region_label = np.zeros(int(regions.max()) + 1, labels.dtype)
+    region_label[regions] = labels
+    return regions, region_label
+
+
+def _shared_edges(regions: np.ndarray, region_label: np.ndarray, small: np.ndarray, num_labels: int) -> np.ndarray:
+    """(2, small regions, labels): pixel edges each small region shares with each label, and with its large regions."""
+    row = np.cumsum(small) - 1  # each small region's row
+    size = int(small.sum()) * num_labels
+    shared = np.zeros((2, size), np.int64)
+    for a, b in ((regions[:, :-1], regions[:, 1:]), (regions[:-1], regions[1:])):
+        differ = a != b
+        first, second = a[differ], b[differ]
+        for own, other in ((first, second), (second, first)):
+            mine = small[own]
+            own, other = own[mine], other[mine]
+            cell = row[own] * num_labels + region_label[other]
+            shared[0] += np.bincount(cell, minlength=size)
+            shared[1] += np.bincount(cell[~small[other]], minlength=size)
+    return shared.reshape(2, -1, num_labels)
+
+
+def _absorb_pass(labels: np.ndarray, min_pixels: float, num_labels: int) -> np.ndarray | None:
+    """`labels` with each region under `min_pixels` relabelled once (see `absorb_small_regions`); None if none is."""
+    regions, region_label = _regions(labels)
+    small = np.bincount(regions.reshape(-1)) < min_pixels
+    small[0] = False  # no region has id 0
+    if not small.any():
+        return None
+    shared, shared_large = _shared_edges(regions, region_label, small, num_labels)
+    counts = np.where(shared_large.sum(axis=1, keepdims=True) > 0, shared_large, shared)
+    relabel = counts.sum(axis=1) > 0
+    region_label[np.flatnonzero(small)[relabel]] = counts[relabel].argmax(axis=1)
+    return region_label[regions]
+
+
 def absorb_small_regions(labels: np.ndarray, min_pixels: float, passes: int = 4) -> np.ndarray:
     """`labels` with every 4-connected region under `min_pixels` relabelled as the neighbour it shares most edges with.
 
     Neighbours that are large enough are preferred; a few passes settle regions whose
     neighbours were small too. A region with no neighbour (the whole image) stays.
     """
-    from skimage.measure import label as connected_regions
-
     labels = np.asarray(labels)
     num_labels = int(labels.max()) + 1
     for _ in range(passes):
-        regions = connected_regions(labels.astype(np.int32), background=-1, connectivity=1)
-        sizes = np.bincount(regions.reshape(-1))
-        small = sizes < min_pixels
-        small[0] = False  # no region has id 0 (there is no background value)
-        if not small[regions].any():
+        absorbed = _absorb_pass(labels, min_pixels, num_labels)
+        if absorbed is None:
             break
-        region_label = np.zeros(len(sizes), labels.dtype)
-        region_label[regions] = labels
-        shared = np.zeros((len(sizes), num_labels), np.int64)  # shared pixel edges: small region x neighbour label
-        shared_large = np.zeros_like(shared)
-        for a, b in ((regions[:, :-1], regions[:, 1:]), (regions[:-1], regions[1:])):
-            differ = a != b
-            for own, other in ((a[differ], b[differ]), (b[differ], a[differ])):
-                mine = small[own]
-                np.add.at(shared, (own[mine], region_label[other[mine]]), 1)
-                large = mine & ~small[other]
-                np.add.at(shared_large, (own[large], region_label[other[large]]), 1)
-        counts = np.where(shared_large.sum(axis=1, keepdims=True) > 0, shared_large, shared)
-        relabel = small & (counts.sum(axis=1) > 0)
-        region_label[relabel] = counts[relabel].argmax(axis=1)
-        labels = region_label[regions]
+        labels = absorbed
     return labels
 
 
-def mask_to_features(
+def class_faces(
     store: MaskStore,
     level: int | None = None,
     simplify: float = 0.0,
     min_area: float = 0.0,
-) -> list[dict[str, Any]]:
-    """GeoJSON features (one per polygon) of every non-background class of a mask store, in slide pixels.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(polygons, labels, areas in µm²) of every non-background region of a mask store, in slide pixels.
 
     `level`: the pyramid level traced (default: the finest of at most 25 Mpx); `simplify`: the
     coverage simplification tolerance in µm (0 = off: the polygons follow the pixel edges and
     every class area equals its pixel count; from about one traced pixel on, the staircases
     go, about half the vertices with them, and regions a few pixels across change area by
     5-14%); `min_area`: regions smaller than this many µm² are merged into their neighbour.
+    Exterior rings run counter-clockwise (RFC 7946).
     """
     import shapely
 
@@ -168,28 +299,91 @@ def mask_to_features(
     areas_um2 = shapely.area(faces) * pixel_um**2
     faces = shapely.transform(faces, lambda xy: np.round(np.stack(frame.to_slide(xy[:, 0], xy[:, 1]), axis=1),
                                                          COORDINATE_DECIMALS))
-    faces = shapely.orient_polygons(faces)  # exterior rings counter-clockwise (RFC 7946)
-    features = []
-    for face, label, area in zip(faces, labels, areas_um2):
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": shapely.geometry.mapping(face),
-                "properties": {
-                    "objectType": "annotation",
-                    "classification": {"name": store.class_names[label], "color": list(store.colors[label])},
-                    "measurements": {"Area µm^2": round(float(area), 3)},
-                },
-            }
-        )
-    return features
+    return shapely.orient_polygons(faces), labels, areas_um2
+
+
+def _number_bytes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(chars, keep): each value's `repr` (what json writes) as a row of ASCII bytes, and which of them to keep.
+
+    The values must be rounded to COORDINATE_DECIMALS (3) already: such a float is the double
+    nearest k / 1000, whose shortest repr is that decimal with its fraction's trailing zeros
+    dropped (one digit kept), in fixed notation from 10^-4 up to 10^16; exact below 10^12.
+    """
+    whole, fraction = np.divmod(np.rint(np.abs(values) * 1000.0).astype(np.int64), 1000)
+    largest = int(whole.max(initial=0))
+    if largest >= 10**12:
+        raise WsisegError(f"coordinate {largest} is beyond what a slide holds: check the mask's origin and MPP")
+    groups = -(-len(str(largest)) // 3)  # of three integer digits
+    digits = DIGIT_GROUPS[np.stack([whole // 1000**k % 1000 for k in range(groups - 1, -1, -1)] + [fraction], 1)]
+    width = 3 * groups
+    chars = np.empty((len(values), width + 5), np.uint8)
+    chars[:, 0], chars[:, width + 1] = ord("-"), ord(".")
+    chars[:, 1 : width + 1], chars[:, width + 2 :] = digits[:, :-1].reshape(len(values), width), digits[:, -1]
+    keep = np.empty(chars.shape, bool)
+    keep[:, 0] = np.signbit(values)
+    lengths = np.searchsorted(10 ** np.arange(1, width), whole, side="right") + 1  # of the integer part
+    keep[:, 1 : width + 1] = np.arange(width) >= width - lengths[:, None]  # no leading zeros
+    keep[:, width + 1] = True
+    keep[:, width + 2 :] = FRACTION_KEEP[fraction]  # no trailing zeros after the first decimal
+    return chars, keep
+
+
+def _constant_bytes(text: bytes, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(chars, keep) of `count` rows of `text`, all kept (see `_number_bytes`)."""
+    return np.broadcast_to(np.frombuffer(text, np.uint8), (count, len(text))), np.ones((count, len(text)), bool)
+
+
+def _coordinate_texts(polygons: np.ndarray) -> list[str]:
+    """Each polygon's GeoJSON coordinates as json.dumps writes shapely's `mapping` of it (rings of [x, y], exterior first)."""
+    import shapely
+
+    rings, owner = shapely.get_rings(polygons, return_index=True)
+    points = shapely.get_coordinates(rings)
+    parts = [_constant_bytes(b"[", len(points)), _number_bytes(points[:, 0]), _constant_bytes(b", ", len(points)),
+             _number_bytes(points[:, 1]), _constant_bytes(b"], ", len(points))]  # a row per vertex: "[x, y], "
+    rows = np.concatenate([chars for chars, _ in parts], axis=1)
+    keep = np.concatenate([kept for _, kept in parts], axis=1)
+    text = rows[keep].tobytes().decode("ascii")
+    vertex_ends = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])
+    ring_ends = np.cumsum(shapely.get_num_coordinates(rings))
+    bounds = vertex_ends[np.concatenate([[0], ring_ends])].tolist()
+    nested: list[list[str]] = [[] for _ in polygons]
+    for polygon, begin, end in zip(owner.tolist(), bounds, bounds[1:]):
+        nested[polygon].append(f"[{text[begin : end - 2]}]")
+    return [f"[{', '.join(polygon)}]" for polygon in nested]
+
+
+def _feature_texts(store: MaskStore, polygons: np.ndarray, labels: np.ndarray, areas: np.ndarray) -> Iterator[str]:
+    """Each feature's GeoJSON text, as json.dumps writes it, formatted about VERTICES_PER_WRITE vertices at a time."""
+    import shapely
+
+    properties = [
+        json.dumps({"objectType": "annotation", "classification": {"name": name, "color": list(color)},
+                    "measurements": {"Area µm^2": 0.0}}, ensure_ascii=False)[: -len("0.0}}")]
+        for name, color in zip(store.class_names, store.colors)
+    ]
+    head = '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
+    counts = shapely.get_num_coordinates(polygons)
+    firsts = np.flatnonzero(np.diff((np.cumsum(counts) - counts) // VERTICES_PER_WRITE, prepend=-1)).tolist()
+    for begin, end in zip(firsts, [*firsts[1:], len(polygons)]):
+        run = slice(begin, end)
+        texts = _coordinate_texts(polygons[run])
+        for coordinates, label, area in zip(texts, labels[run].tolist(), areas[run].tolist()):
+            yield f"{head}{coordinates}}}, \"properties\": {properties[label]}{round(area, 3)!r}}}}}}}"
 
 
 def write_geojson(
     store: MaskStore, path: Path, level: int | None = None, simplify: float = 0.0, min_area: float = 0.0
 ) -> Path:
-    """Write the mask's class polygons as a GeoJSON FeatureCollection to `path` (see `mask_to_features`)."""
-    collection = {"type": "FeatureCollection", "features": mask_to_features(store, level, simplify, min_area)}
+    """Write the mask's class polygons as a GeoJSON FeatureCollection to `path` (see `class_faces`).
+
+    The features are written as they are formatted, a run at a time: the text of the whole file is never held.
+    """
+    polygons, labels, areas = class_faces(store, level, simplify, min_area)
     path = Path(path)
-    path.write_text(json.dumps(collection, ensure_ascii=False))
+    with path.open("w") as out:
+        out.write('{"type": "FeatureCollection", "features": [')
+        for index, text in enumerate(_feature_texts(store, polygons, labels, areas)):
+            out.write(f", {text}" if index else text)
+        out.write("]}")
     return path
