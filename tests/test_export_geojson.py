@@ -104,16 +104,23 @@ def _label_images() -> list[tuple[np.ndarray, int]]:
             (islands, 2), (islands, 3), *noise]
 
 
+def _as_set(lines: np.ndarray) -> list[bytes]:
+    """Lines as a sorted list of their normalised WKB (the same lines whatever their order, direction or start)."""
+    return sorted(shapely.to_wkb(shapely.normalize(lines)).tolist())
+
+
 def test_lines_merge_as_geos_merges_them() -> None:
-    """The traced segments merge into GEOS's lines exactly (same lines, order, direction): polygonize sees what it saw."""
+    """The traced segments merge into the lines GEOS's line merge makes of them; with the GEOS this was written
+    against (3.14), also in its order, direction and start points, so polygonize sees what it saw."""
     for labels, band in _label_images():
         start, stop, vertical = _segments(labels, band)
         segments = shapely.linestrings(np.stack([start, stop], axis=1).astype(np.float64))
         expected = shapely.get_parts(shapely.line_merge(shapely.multilinestrings(segments)))
         merged = merged_lines(start, stop, vertical)
-        assert np.array_equal(shapely.get_num_coordinates(merged), shapely.get_num_coordinates(expected))
-        assert np.array_equal(shapely.get_coordinates(merged), shapely.get_coordinates(expected))
         assert np.all(vertical == (start[:, 0] == stop[:, 0])) and np.all(stop >= start)
+        assert _as_set(merged) == _as_set(expected)
+        if shapely.geos_version[:2] == (3, 14):
+            assert np.array_equal(shapely.get_coordinates(merged), shapely.get_coordinates(expected))
 
 
 def test_numbers_are_written_as_their_repr() -> None:
