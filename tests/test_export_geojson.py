@@ -13,15 +13,9 @@ from shapely.geometry import shape
 
 from wsiseg.errors import WsisegError
 from wsiseg.export import geojson
-from wsiseg.export.geojson import (
-    _number_bytes,
-    _segments,
-    absorb_small_regions,
-    class_faces,
-    coverage_faces,
-    merged_lines,
-    write_geojson,
-)
+from wsiseg.export.geojson import _segments, absorb_small_regions, class_faces, coverage_faces, write_geojson
+from wsiseg.export.geojson_text import number_bytes
+from wsiseg.export.line_merge import merged_lines
 from wsiseg.export.mask import export_mask
 from wsiseg.slide.grid import Frame
 from wsiseg.store.masks import MaskStore
@@ -127,11 +121,11 @@ def test_numbers_are_written_as_their_repr() -> None:
     rng = np.random.default_rng(3)
     values = np.round(np.concatenate([rng.uniform(-5000, 5000, 5000), rng.uniform(-1, 1, 500), rng.uniform(0, 1e11, 50),
                                       [0.0, -0.0, -0.0004, 1.0, 999.0, 1000.0, 0.001, 0.5, 123456.789, 1e-5]]), 3)
-    chars, keep = _number_bytes(values)
+    chars, keep = number_bytes(values)
     text, ends = chars[keep].tobytes().decode(), np.cumsum(keep.sum(axis=1)).tolist()
     assert [text[a:b] for a, b in zip([0, *ends], ends)] == [repr(value) for value in values.tolist()]
     with pytest.raises(WsisegError, match="beyond"):
-        _number_bytes(np.array([2e12]))
+        number_bytes(np.array([2e12]))
 
 
 @pytest.mark.parametrize("simplify, min_area", [(0.0, 0.0), (0.3, 0.0), (0.0, 3.0)])
