@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -196,13 +197,29 @@ def test_pin_memory_reaches_the_training_loader(dataset: Path, tmp_path: Path) -
     from wsiseg.train.data import SegmentationDataset, split_entries
     from wsiseg.train.trainer import Distributed, Trainer
 
-    for pin in (True, False):
+    for pin, device, pinned in ((True, "cuda", True), (False, "cuda", False), (None, "cuda", True),
+                                (True, "cpu", False), (None, "cpu", False)):
         config = read(base(dataset, tmp_path, system={"pin_memory": pin}))
         trainer = Trainer.__new__(Trainer)
-        trainer.cfg, trainer.dist, trainer.device = Config.from_dict(config), Distributed(), torch.device("cpu")
+        trainer.cfg, trainer.dist, trainer.device = Config.from_dict(config), Distributed(), torch.device(device)
         trainer.train_set = SegmentationDataset(split_entries(dataset, "train"), 4)
         trainer.loader_generator = torch.Generator()
-        assert trainer._loader().pin_memory is pin
+        assert trainer._loader().pin_memory is pinned, (pin, device)
+
+
+def test_pin_memory_on_a_cpu_run_is_no_torch_warning(dataset: Path, tmp_path: Path) -> None:
+    """The reference's configs set `pin_memory: true`; on a CPU-only run that pins nothing and says nothing."""
+    from wsiseg.train.data import SegmentationDataset, split_entries
+    from wsiseg.train.trainer import Distributed, Trainer
+
+    config = read(base(dataset, tmp_path, system={"pin_memory": True}))
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.dist, trainer.device = Config.from_dict(config), Distributed(), torch.device("cpu")
+    trainer.train_set = SegmentationDataset(split_entries(dataset, "train"), 4)
+    trainer.loader_generator = torch.Generator()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        next(iter(trainer._loader()))
 
 
 def test_every_problem_at_once_in_the_reference_dialect(dataset: Path, tmp_path: Path) -> None:

@@ -160,3 +160,21 @@ def test_fseg_refuses_a_bank_of_another_feature_length(tmp_path: Path) -> None:
     with pytest.raises(WsisegError, match="10-long concepts but model efficientnet_lite0_imagenet gives 320"):
         wsiseg.fseg_slide(image, tmp_path / "out", k=4, bank=tmp_path / "bank.safetensors", slide_mpp=0.5,
                           window=64, device="cpu", tissue="all")
+
+
+@pytest.mark.usefixtures("sample_cache")  # builds efficientnet_lite0_imagenet
+def test_a_negative_bank_is_warned_about_once_per_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The early check of the bank (before the model loads) and the projection warn once together, not twice."""
+    import wsiseg
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    raw = rng.standard_normal((4, 320)).astype(np.float32)
+    save_bank(ConceptBank({4: raw}), tmp_path / "bank.safetensors")
+    Image.fromarray(rng.integers(0, 200, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "he.png")
+    with caplog.at_level("WARNING", logger="wsiseg"):
+        wsiseg.fseg_slide(tmp_path / "he.png", tmp_path / "out", k=4, bank=tmp_path / "bank.safetensors",
+                          slide_mpp=0.5, window=64, device="cpu", tissue="all", exports=(), show_progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "negative entries" in r.getMessage()]
+    assert warnings == [f"the concept bank's k=4 matrix has {int((raw < 0).sum())} negative entries (most negative "
+                        f"{raw.min():.4g}): set to 0, as the F-Seg reference library does (concepts are non-negative)"]

@@ -194,3 +194,17 @@ def test_user_errors_arrive_in_one_line_before_torch_loads(material: dict[str, P
                                 text=True, timeout=300)
         assert_user_error(result, *words)
         assert result.stdout.strip().endswith("torch not loaded"), (args, result.stdout)
+
+
+@pytest.mark.slow
+def test_a_store_at_another_mpp_than_asked_is_refused_before_torch_loads(material: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    from wsiseg.store.tiling import tile_slide
+
+    store = tile_slide(material["crop224"], tmp_path / "crop.zarr", 0.5, slide_mpp=0.5, tissue="all", workers=0,
+                       progress=False)
+    args = ("segment", store.path, "--checkpoint", material["checkpoint"], "--out", tmp_path / "out", "--mpp", "1")
+    result = subprocess.run([sys.executable, "-c", ERRORS_WITHOUT_TORCH, *map(str, args)], capture_output=True,
+                            text=True, timeout=300)
+    assert_user_error(result, "holds the slide at 0.5 MPP, not 1", "--mpp 0.5")
+    assert result.stdout.strip().endswith("torch not loaded"), result.stdout

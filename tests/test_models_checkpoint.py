@@ -154,3 +154,28 @@ def test_one_rule_reconciles_a_config_with_a_checkpoint(tmp_path: Path, pfm_file
         assert reconcile(merged, {"model": {"name": NAME, "finetune_mode": mode}})["model"]["finetune_mode"] == "frozen"
     with pytest.raises(WsisegError, match="'frozen' or 'lora' but the config has 'full'"):
         reconcile(merged, {"model": {"finetune_mode": "full"}})
+
+
+def test_a_disk_that_fills_during_a_save_is_the_os_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's zip writer turns a write failing part-way into its own RuntimeError ("unexpected pos ..."); the
+    save raises the disk's OSError (which the CLI prints as one line) and leaves no file behind."""
+    import errno
+    import io
+
+    import wsiseg.models.checkpoint as checkpoint
+
+    class FillingFile(io.FileIO):
+        """A file on a disk with 64 kB left."""
+
+        def write(self, data: bytes) -> int:
+            if self.tell() + len(data) > 65536:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: FillingFile(path, mode), raising=False)
+    config = {"model": {"name": NAME, "finetune_mode": "full", "input_size": 32, "depth": 2}}
+    model = build_segmenter({"name": NAME, "finetune_mode": "full", "input_size": 32}, 2, depth=2)
+    with pytest.raises(OSError) as error:
+        save_checkpoint(tmp_path / "last.pth", model, config, ["a", "b"])
+    assert error.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []

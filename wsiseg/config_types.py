@@ -68,7 +68,7 @@ class SystemConfig:
     seed: int = key(42, minimum=0)
     precision: str = key("auto", choices=("auto", "bf16", "fp16", "fp32"))
     deterministic: bool = False
-    pin_memory: bool | None = key(None, help="pin host memory of the training loader; null = on CUDA only")
+    pin_memory: bool | None = key(None, help="pin host memory of the training loader on CUDA (never on CPU); null = true")
 
 
 @dataclass

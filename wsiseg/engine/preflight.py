@@ -19,8 +19,9 @@ def check_file(path: str | Path | None, what: str, hint: str) -> None:
         raise WsisegError(f"no such {what}: {path}; {hint}")
 
 
-def check_source(path: str | Path, slide_mpp: float | None = None) -> None:
-    """The slide file or tile store at `path` opens and has a resolution (its metadata or `slide_mpp`)."""
+def check_source(path: str | Path, slide_mpp: float | None = None, mpp: float | None = None) -> None:
+    """The slide file or tile store at `path` opens and has a resolution (its metadata or `slide_mpp`);
+    a tile store also holds the run's `mpp`, when that is known already."""
     path = Path(path)
     if not path.exists():  # before the slide readers are even imported
         raise WsisegError(f"no such slide file: {path}; check the path")
@@ -29,7 +30,9 @@ def check_source(path: str | Path, slide_mpp: float | None = None) -> None:
     if is_tile_store(path):
         from wsiseg.store.tiles import TileStore
 
-        TileStore.open(path)
+        store = TileStore.open(path)
+        if mpp is not None:  # else the checkpoint's MPP, not read yet
+            store.size_at(mpp)
         return
     from wsiseg.slide import open_slide
 

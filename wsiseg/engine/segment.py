@@ -184,7 +184,7 @@ def preflight(
     failed = {}
     for slide, folder in zip(slides, folders):
         try:
-            check_source(slide, settings.slide_mpp)
+            check_source(slide, settings.slide_mpp, settings.mpp)
             check_outputs([folder])
         except WsisegError as error:
             if not skip_errors:

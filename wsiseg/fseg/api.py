@@ -140,7 +140,7 @@ def _with_bank(
         layer = fseg.layer if fseg.layer is not None else (int(bank.layer) if bank.layer is not None else None)
         fseg = fseg.replace(model=fseg.model or bank.model, layer=layer)
         settings = settings.replace(mpp=settings.mpp or bank.mpp, window=settings.window or bank.window)
-        bank.projection_concepts(fseg.k)  # k not in the bank, NaN: refuse before any heavy work
+        bank.finite_concepts(fseg.k)  # k not in the bank, NaN: refuse before any heavy work (no warning yet)
         if bank.model is not None and fseg.model != bank.model:
             bank.check_compatible(fseg.model, bank.feature_dim)
     return with_defaults(settings, fseg)

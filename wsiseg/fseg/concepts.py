@@ -66,14 +66,8 @@ class ConceptBank:
             raise WsisegError(f"the concept bank has no k={k} (it has k = {', '.join(map(str, self.ks))}): pass one of those to --k")
         return self.concepts[k].copy()
 
-    def projection_concepts(self, k: int) -> np.ndarray:
-        """The (k, D) concepts a projection uses: finite, with negative entries set to 0.
-
-        Concepts are non-negative by definition (cluster centres of ReLU'd features); a bank made
-        elsewhere may hold negative entries, which the published F-Seg library sets to 0 before
-        projecting: so does this, with one warning giving their count and the most negative value.
-        NaN or infinite entries are an error.
-        """
+    def finite_concepts(self, k: int) -> np.ndarray:
+        """A copy of the (k, D) concept matrix, refused (WsisegError) when k is absent or an entry is NaN or infinite."""
         concepts = self.get(k)
         bad = ~np.isfinite(concepts)
         if bad.any():
@@ -83,6 +77,17 @@ class ConceptBank:
                 f"{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:8]))}{' ...' if len(rows) > 8 else ''}): "
                 "refit the bank with `wsiseg fseg-fit`, or fix it where it was made"
             )
+        return concepts
+
+    def projection_concepts(self, k: int) -> np.ndarray:
+        """The (k, D) concepts a projection uses: finite, with negative entries set to 0.
+
+        Concepts are non-negative by definition (cluster centres of ReLU'd features); a bank made
+        elsewhere may hold negative entries, which the published F-Seg library sets to 0 before
+        projecting: so does this, with one warning giving their count and the most negative value.
+        NaN or infinite entries are an error.
+        """
+        concepts = self.finite_concepts(k)
         negative = concepts < 0
         if negative.any():
             log.warning(

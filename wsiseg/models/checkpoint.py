@@ -66,7 +66,12 @@ def save_checkpoint(path: str | Path, model: Segmenter, config: dict[str, Any], 
     for stale in remove_dead_temporaries(path):
         log.info("removed %s, left by a killed save", stale.name)
     with atomic_file(path) as partial, open(partial, "wb") as handle:
-        torch.save(payload, handle)  # through a Python file: a full disk is an OSError, not torch's RuntimeError
+        try:
+            torch.save(payload, handle)  # through a Python file: a full disk is an OSError, not torch's RuntimeError
+        except RuntimeError as error:  # a write failing part-way: torch's zip writer raises its own error over it
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None
+            raise
         handle.flush()
         os.fsync(handle.fileno())
     return path

@@ -207,7 +207,7 @@ class Trainer:
         return torch.utils.data.DataLoader(
             self.train_set, batch_size=training.batch_size, shuffle=sampler is None, sampler=sampler,
             num_workers=system.num_workers, generator=self.loader_generator, drop_last=False,
-            pin_memory=self.device.type == "cuda" if system.pin_memory is None else system.pin_memory,
+            pin_memory=self.device.type == "cuda" and system.pin_memory is not False,  # pinning needs CUDA
             persistent_workers=False)
 
     def resume(self, payload: dict[str, Any]) -> None:
