@@ -163,3 +163,32 @@ def test_unreadable_test_image_is_named(tmp_path: Path, trained: dict) -> None:
     with pytest.raises(WsisegError, match="cannot read image .*broken.png"):
         infer_images(None, checkpoint, json_path, tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_moved_pfm_weights_of_an_adapter_checkpoint_are_named_with_the_infer_fix(
+        tmp_path: Path, samples: dict[str, Path]) -> None:
+    """A LoRA checkpoint keeps only its adapter: infer rebuilds the backbone from the PFM weights it was trained on.
+    When they moved, the one line says how infer takes the new place (a --config naming it), and that works."""
+    import shutil
+
+    import yaml
+
+    from wsiseg.models import registry
+
+    torch.manual_seed(0)
+    weights = tmp_path / "pfm" / "vit.pth"
+    weights.parent.mkdir()
+    torch.save(registry.create("timm:test_vit", "cpu").state_dict(), weights)
+    run = train_tiny(tmp_path / "train", samples, epochs=1, model={"name": "timm:test_vit", "finetune_mode": "lora",
+                                                                     "input_size": 64, "pfm_weights_path": str(weights)})
+    checkpoint = Path(run["output_dir"]) / "checkpoints" / "best_model.pth"
+    moved = shutil.move(weights, tmp_path / "vit.pth")
+    result = run_cli("infer", "--checkpoint", checkpoint, "--input_json", run["json"], "--output_dir", tmp_path / "a",
+                     "--device", "cpu")
+    assert_user_error(result, f"{weights} this checkpoint was trained on are not there",
+                      "--config with model.pfm_weights_path")
+    config = yaml.safe_load(Path(run["config"]).read_text())
+    config["model"]["pfm_weights_path"] = str(moved)
+    (tmp_path / "moved.yaml").write_text(yaml.safe_dump(config))
+    summary = infer_images(tmp_path / "moved.yaml", checkpoint, run["json"], tmp_path / "b", device="cpu")
+    assert summary["images"] == 2

@@ -91,6 +91,31 @@ def test_run_stopped_before_its_first_checkpoint_starts_over(tmp_path: Path, sam
     assert "failed before" not in (out / "training.log").read_text()
 
 
+def test_a_run_failing_at_its_first_last_pth_is_started_over_by_a_plain_rerun(
+        tmp_path: Path, samples: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk (or a kill) between the first best_model.pth and the first last.pth leaves nothing to resume:
+    the plain rerun, which the failure's advice names, starts the run over instead of refusing it."""
+    import errno
+
+    from wsiseg.train import trainer as trainer_module
+
+    json_path = make_dataset(tmp_path / "data", samples)
+    config = make_config(tmp_path, json_path, training={"epochs": 1})
+
+    def disk_full(self: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module.Trainer, "save_last", disk_full)
+        with pytest.raises(OSError):
+            train_model(config)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best_model.pth"]
+    (out / "checkpoints" / ".last.999999.1.partial.pth").write_bytes(b"half a checkpoint, of a killed save")
+    summary = train_model(config)
+    assert summary["epochs"] == 1 and (out / "checkpoints" / "last.pth").is_file()
+
+
 def test_foreign_files_without_a_checkpoint_are_refused_with_true_advice(tmp_path: Path,
                                                                          samples: dict[str, Path]) -> None:
     json_path = make_dataset(tmp_path / "data", samples)

@@ -68,8 +68,8 @@ OS_ERRORS: dict[int, str] = {
     errno.EIO: "input/output error{where}: check the disk or network share, then rerun",
 }
 RESUMES = "rerun the same command to resume where it stopped"
-TRAIN_RESUMES = ("continue the run with --resume <output_dir>/checkpoints/last.pth (or restart it with "
-                 "--overwrite if no checkpoint was saved yet)")
+TRAIN_RESUMES = ("continue the run with --resume <output_dir>/checkpoints/last.pth (or, if it has no last.pth "
+                 "yet, rerun the same command: it starts over)")
 
 
 def resume_advice(argv: list[str] | None) -> str:

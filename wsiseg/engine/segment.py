@@ -35,11 +35,13 @@ def _load_config(config: dict[str, Any] | str | Path | None) -> dict[str, Any] |
     return load_config(config, splits=(), check_files=False)
 
 
-def check_backbone_weights(payload: dict[str, Any], effective: dict[str, Any], random_weights: bool = False) -> None:
+def check_backbone_weights(payload: dict[str, Any], effective: dict[str, Any], random_weights: bool = False,
+                           fix: str = "pass your copy with --weights") -> None:
     """Refuse a checkpoint whose backbone must be rebuilt from PFM weights that are not given (or not there).
 
     A checkpoint that stores its whole backbone needs none; one that stores only an adapter (or
     nothing, for a frozen backbone) is rebuilt from `model.pfm_weights_path`, or `--weights`.
+    `fix` says how the command takes the weights' new place.
     """
     from wsiseg.engine.preflight import needs_weights
 
@@ -49,7 +51,7 @@ def check_backbone_weights(payload: dict[str, Any], effective: dict[str, Any], r
     weights = model.get("pfm_weights_path")
     if weights is not None and not Path(weights).exists():
         raise WsisegError(
-            f"the PFM weights {weights} this checkpoint was trained on are not there: pass your copy with --weights"
+            f"the PFM weights {weights} this checkpoint was trained on are not there: {fix}"
         )
     if weights is None and needs_weights(model["name"]) and not random_weights:
         raise WsisegError(

@@ -37,10 +37,13 @@ def checkpoint_file(path: str | Path) -> Path:
 
 def _load_model(config: str | Path | None, checkpoint: str | Path, device: Any) -> tuple[Any, dict[str, Any]]:
     """The segmenter of a checkpoint (checked against the config when one is given) and the config used."""
+    from wsiseg.engine.segment import check_backbone_weights
     from wsiseg.models.checkpoint import read_checkpoint, reconcile, segmenter_from
 
     payload = read_checkpoint(checkpoint)
     stored = reconcile(payload, config)
+    check_backbone_weights(payload, stored, fix="pass --config with model.pfm_weights_path naming your copy (the "
+                                                "run's config.yaml, edited)")
     return segmenter_from(payload, stored, str(device)), stored
 
 

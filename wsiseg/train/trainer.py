@@ -377,7 +377,8 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
     """Create the output tree; refuse to train over an existing run without --resume or --overwrite.
 
     A folder that holds only the files of a run that stopped before its first checkpoint has nothing
-    to resume: a plain rerun starts it over.
+    to resume: a plain rerun starts it over. Neither a best_model.pth without last.pth (the first
+    validation writes best_model.pth, then last.pth) nor the temporary of a killed save is a state to resume.
     """
     from wsiseg.outputs import remove
 
@@ -387,7 +388,9 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
             raise WsisegError(f"output folder {out} already holds a run: pass --resume {last} to "
                               "continue it, --overwrite to replace it, or set logging.output_dir (log_dir/experiment_name)")
         names = {path.name for path in out.iterdir()}
-        checkpoints = list((out / "checkpoints").glob("*.pth")) if (out / "checkpoints").is_dir() else []
+        folder = out / "checkpoints"
+        checkpoints = [path for path in folder.glob("*.pth") if path.name != "best_model.pth"
+                       and not path.name.startswith(".")] if folder.is_dir() else []
         if not names <= RUN_FILES or checkpoints:
             raise WsisegError(f"output folder {out} is not empty and holds no run to resume "
                               f"({out / 'checkpoints' / 'last.pth'} is missing): pass --overwrite to replace it, "
