@@ -145,18 +145,21 @@ def test_a_store_run_gives_the_overlay_of_the_slide_run(material: dict[str, Path
 
     slide = tmp_path / "cmu.svs"
     shutil.copy(samples["cmu_svs"], slide)
-    store = tile_slide(slide, tmp_path / "cmu.zarr", 4.0, tile=128, workers=0, progress=False)
-    options = {"mpp": 4.0, "device": "cpu", "workers": 0, "exports": ("png",), "show_progress": False}
+    # at 0.5 MPP, a level's pixel grid read by nearest rows and columns: every box reads the same pixels
+    store = tile_slide(slide, tmp_path / "cmu.zarr", 0.5, tile=128, workers=0, progress=False)
+    options = {"mpp": 0.5, "device": "cpu", "workers": 0, "exports": ("png",), "show_progress": False}
     segment_slide(slide, material["checkpoint"], tmp_path / "slide", **options)
     segment_slide(store.path, material["checkpoint"], tmp_path / "store", **options)
     from_slide = np.asarray(Image.open(tmp_path / "slide" / "overlay.png"))
     from_store = np.asarray(Image.open(tmp_path / "store" / "overlay.png"))
     assert np.array_equal(from_slide, from_store)
+    labels = [zarr.open_group(str(tmp_path / run / "mask.zarr"), mode="r")["0"][:] for run in ("slide", "store")]
+    assert np.array_equal(*labels)  # windows over glass see the slide's glass, not white
     slide.unlink()  # the store alone: its own pixels, white where no tile was stored
     segment_slide(store.path, material["checkpoint"], tmp_path / "alone", **options)
     alone = np.asarray(Image.open(tmp_path / "alone" / "overlay.png"))
     assert alone.shape == from_slide.shape
-    assert np.abs(alone.astype(int) - from_slide).mean() < 3 and (alone == 255).all(axis=2).mean() > 0.3
+    assert np.abs(alone.astype(int) - from_slide).mean() < 10 and (alone == 255).all(axis=2).mean() > 0.3
 
 
 ERRORS_WITHOUT_TORCH = """

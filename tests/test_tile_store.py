@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -103,6 +104,25 @@ def test_store_reads_like_a_slide(base_store):
     assert thumbnail.shape == (400, 299, 3)
     with open_slide(store.source) as slide:
         assert np.abs(thumbnail.astype(int) - slide.thumbnail(400)[:, :299]).mean() < 8
+
+
+def test_glass_is_read_from_the_source_slide(base_store, samples, tmp_path):
+    positions = set(base_store.tissue_tiles())
+    glass = next((x, y) for y in range(0, base_store.height, 512) for x in range(0, base_store.width, 512)
+                 if (x, y) not in positions and any((x + dx, y + dy) in positions for dx in (-512, 512) for dy in (0,)))
+    x, y = max(glass[0] - 100, 0), glass[1]  # a box across a stored tile and a cell without one
+    plain, through = base_store.read(x, y, 300, 200), base_store.with_glass_from_source().read(x, y, 300, 200)
+    assert (plain == 255).all(axis=2).any() and not np.array_equal(plain, through)
+    assert np.array_equal(through, openslide_on_white(samples["cmu_svs"], x, y, 300, 200))
+    moved = tmp_path / "moved.zarr"  # a store whose slide is gone reads white there, as before
+    shutil.copytree(base_store.path, moved)
+    group = zarr.open_group(str(moved), mode="r+")
+    group.attrs["wsiseg"] = {**group.attrs["wsiseg"], "source": str(tmp_path / "gone.svs")}
+    alone = TileStore.open(moved).with_glass_from_source()
+    assert not alone.glass_from_source and np.array_equal(alone.read(x, y, 300, 200), plain)
+    copy = pickle.loads(pickle.dumps(base_store.with_glass_from_source()))  # reader threads' copies keep it
+    assert copy.glass_from_source and np.array_equal(copy.read(x, y, 300, 200), through)
+    copy.close()
 
 
 @pytest.mark.parametrize("mpp", sorted(CMU_SIZES))

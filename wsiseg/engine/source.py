@@ -69,6 +69,7 @@ def open_source(source: Any, mpp: float, slide_mpp: float | None = None, tissue:
         source = TileStore.open(source) if is_tile_store(Path(source)) else open_slide(source, slide_mpp)
     if isinstance(source, TileStore):
         width, height = source.size_at(mpp)
+        source = source if source.glass_from_source else source.with_glass_from_source()
         return SourceView(source, source.path, "tiles", width, height, source.slide_mpp, tuple(source.origin), tissue)
     if isinstance(source, Slide):
         width, height = source.size_at(mpp)

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from wsiseg.errors import WsisegError
 from wsiseg.progress import get_logger
 from wsiseg.store.masks import MaskStore
 
@@ -37,29 +36,12 @@ def source_picture(reader: Any, max_side: int = OVERLAY_MAX_SIDE) -> np.ndarray:
 
     if not isinstance(reader, TileStore):
         return reader.thumbnail(max_side)
-    source = _store_source(reader)
+    source = reader.source_slide()
     if source is not None:
         with source:
             return source.thumbnail(max_side)
     log.info("overlay of %s from its own tiles (its slide %s is not there)", reader.path.name, reader.source)
     return reader.thumbnail(max_side)
-
-
-def _store_source(store: Any) -> Any:
-    """The tile store's source slide, opened, when it is still there with the size it had; else None."""
-    from wsiseg.slide import open_slide
-
-    path = Path(store.source)
-    if not path.is_file():
-        return None
-    try:
-        slide = open_slide(path, store.slide_mpp)
-    except WsisegError:
-        return None
-    if list(slide.level_dimensions[0]) != list(store.attrs.get("slide_dimensions", [])):
-        slide.close()
-        return None
-    return slide
 
 
 def colorize(labels: np.ndarray, colors: Sequence[Sequence[int]]) -> np.ndarray:

@@ -136,6 +136,9 @@ class TileStore:
             raise WsisegError(f"{self.path} is not a wsiseg tile store; create one with `wsiseg tile`")
         self._array: zarr.Array | None = None
         self._levels: dict[int, zarr.Array | None] = {}
+        self.glass_from_source = False  # read cells without a tile from the source slide (see with_glass_from_source)
+        self._slide: Slide | None = None
+        self._tissue_cells: set[tuple[int, int]] | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> TileStore:
@@ -143,10 +146,37 @@ class TileStore:
         return cls(path)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "attrs": self.attrs}
+        return {"path": self.path, "attrs": self.attrs, "glass_from_source": self.glass_from_source}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path, self.attrs, self._array, self._levels = state["path"], state["attrs"], None, {}
+        self.glass_from_source, self._slide, self._tissue_cells = state.get("glass_from_source", False), None, None
+
+    def source_slide(self) -> Slide | None:
+        """The slide the store was tiled from, opened, when it is still there with the size it had; else None."""
+        from wsiseg.slide import open_slide
+
+        if not self.source.is_file():
+            return None
+        try:
+            slide = open_slide(self.source, self.slide_mpp)
+        except WsisegError:
+            return None
+        if list(slide.level_dimensions[0]) != list(self.attrs.get("slide_dimensions", [])):
+            slide.close()
+            return None
+        return slide
+
+    def with_glass_from_source(self) -> TileStore:
+        """This store reading the cells no tile was stored for (glass) from its source slide, so a run sees
+        the pixels a run on the slide sees; the store itself (white there) when the slide is gone or changed."""
+        slide = self.source_slide()
+        if slide is None:
+            return self
+        slide.close()
+        store = TileStore(self.path)
+        store.glass_from_source = True
+        return store
 
     def __repr__(self) -> str:
         return f"TileStore({str(self.path)!r}, {self.width}x{self.height} at {self.mpp} MPP)"
@@ -207,9 +237,31 @@ class TileStore:
 
     # --- pixels ----------------------------------------------------------------------------
     def read(self, x: int, y: int, width: int, height: int, mpp: float | None = None) -> np.ndarray:
-        """RGB uint8 (height, width, 3) of a box of the stored image; white outside it and where not stored."""
+        """RGB uint8 (height, width, 3) of a box of the stored image; white outside it, and where no tile was stored
+        (the source slide's pixels there with `glass_from_source`)."""
         self._check_mpp(mpp)
-        return read_box(self.array, x, y, width, height)
+        out = read_box(self.array, x, y, width, height)
+        if self.glass_from_source:
+            self._read_glass(out, x, y)
+        return out
+
+    def _read_glass(self, out: np.ndarray, x: int, y: int) -> None:
+        """Fill the parts of the box `out` (at x, y) that lie in cells without a tile from the source slide."""
+        height, width = out.shape[:2]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, self.width), min(y + height, self.height)
+        if self._tissue_cells is None:
+            self._tissue_cells = set(self.tissue_tiles())
+        for top in range(y0 // self.tile * self.tile, y1, self.tile):
+            for left in range(x0 // self.tile * self.tile, x1, self.tile):
+                if (left, top) in self._tissue_cells:
+                    continue
+                if self._slide is None:
+                    self._slide = self.source_slide()
+                    if self._slide is None:
+                        raise WsisegError(f"the source slide of {self.path.name} ({self.source}) changed during the run")
+                bx0, by0 = max(left, x0), max(top, y0)
+                bx1, by1 = min(left + self.tile, x1), min(top + self.tile, y1)
+                out[by0 - y : by1 - y, bx0 - x : bx1 - x] = self._slide.read(bx0, by0, bx1 - bx0, by1 - by0, self.mpp)
 
     def read_coarse(self, x: int, y: int, width: int, height: int, factor: float) -> np.ndarray:
         """A box of the stored image from the coarsest pyramid level at least as fine as `factor` x its MPP
@@ -240,8 +292,11 @@ class TileStore:
         return out
 
     def close(self) -> None:
-        """Forget the open arrays (they reopen on the next read)."""
+        """Forget the open arrays and close the source slide (they reopen on the next read)."""
         self._array, self._levels = None, {}
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
 
     def __enter__(self) -> TileStore:
         return self
