@@ -27,11 +27,10 @@ def real_cluster(folder: Path, workers: int = 1, timeout: float = 120.0, gpu: bo
     )]
     try:
         deadline = time.monotonic() + timeout
-        while not scheduler_file.exists():
+        while (address := _scheduler_address(scheduler_file)) is None:
             if time.monotonic() > deadline or processes[0].poll() is not None:
                 raise RuntimeError(f"the scheduler did not start: {(folder / 'scheduler.log').read_text()}")
             time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
         for index in range(workers):
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "dask", "worker", address, "--nworkers", "1", "--nthreads", "1",
@@ -55,3 +54,11 @@ def real_cluster(folder: Path, workers: int = 1, timeout: float = 120.0, gpu: bo
                 process.wait()
         for log in logs:
             log.close()
+
+
+def _scheduler_address(scheduler_file: Path) -> str | None:
+    """The address in the scheduler's file, None until the scheduler has written it whole."""
+    try:
+        return json.loads(scheduler_file.read_text())["address"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None

@@ -2,8 +2,8 @@
 
 Tracing: the pixel edges of the traced pyramid level between different labels are cut into
 maximal straight runs wherever the pair of labels on their two sides changes, merged into lines
-between junctions (in numpy, into the very lines GEOS's line merger makes, in its order, so the
-polygons come out as they did through it), and polygonized.
+between junctions (`wsiseg.export.line_merge`: the very lines GEOS's line merger makes, in its order),
+and polygonized.
 The faces are exactly the regions of one label (a face's area is its pixel count), and
 neighbouring faces share their edges vertex for vertex: together they form a polygon coverage.
 Regions under `min_area` are first relabelled, in the raster, as the neighbour they share the
@@ -12,8 +12,8 @@ no overlaps and no gaps between classes. The background faces take part and are 
 file.
 
 The file is written a run of features at a time, its numbers formatted in numpy as json.dumps
-would write them. Coordinates are level-0 pixels of the source slide (QuPath's convention): pixel (c, r) of
-pyramid level L covers mask pixels [c 2^L, (c + 1) 2^L) x [r 2^L, (r + 1) 2^L), which map to the
+would write them (`wsiseg.export.geojson_text`). Coordinates are level-0 pixels of the source
+slide (QuPath's convention): pixel (c, r) of pyramid level L covers mask pixels [c 2^L, (c + 1) 2^L) x [r 2^L, (r + 1) 2^L), which map to the
 slide by the mask MPP over the slide's base MPP, plus the slide's bounds origin.
 """
 
@@ -27,14 +27,13 @@ from typing import Any
 import numpy as np
 
 from wsiseg.errors import WsisegError
+from wsiseg.export.geojson_text import COORDINATE_DECIMALS, coordinate_texts
+from wsiseg.export.line_merge import merged_lines
 from wsiseg.store.masks import MaskStore
 
 MAX_TRACE_PIXELS = 25_000_000  # default level: the finest one at most this large
 BAND_ROWS = 1024
 OUTSIDE = -1  # the label beyond the mask's edges
-COORDINATE_DECIMALS = 3  # one group of DIGIT_GROUPS, as _number_bytes writes them
-DIGIT_GROUPS = np.array([list(f"{group:03d}".encode()) for group in range(1000)], np.uint8)  # ASCII
-FRACTION_KEEP = np.array([[True, group % 100 != 0, group % 10 != 0] for group in range(1000)])
 VERTICES_PER_WRITE = 50_000  # coordinates formatted as text at a time (a larger polygon goes alone)
 
 
@@ -88,104 +87,6 @@ def _segments(labels: Any, band_rows: int) -> tuple[np.ndarray, np.ndarray, np.n
         stops.append(np.stack([line, stop + y0], 1))
         vertical.append(np.ones(len(line), bool))
     return np.concatenate(starts), np.concatenate(stops), np.concatenate(vertical)
-
-
-def _merge_graph(start: np.ndarray, stop: np.ndarray, vertical: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The segments' directed edges (2e: start -> stop, 2e + 1: back) as GEOS's line merger sees them.
-
-    Returns (key, out, from_node, nodes, span): each directed edge's order key (its from-node in
-    GEOS's node order, x then y, then its slot in the node's star: +x, +y, -x, -y, counter-clockwise
-    as GEOS sorts it), the (nodes, 4) table of out-edges by slot (-1: none), each directed edge's
-    from-node, and the nodes' keys x * span + y.
-    """
-    span = int(stop[:, 1].max()) + 1
-    ends = np.stack([start[:, 0] * span + start[:, 1], stop[:, 0] * span + stop[:, 1]], 1).reshape(-1)
-    slots = (vertical.astype(np.int64)[:, None] + np.array([0, 2])).reshape(-1)
-    nodes, from_node = np.unique(ends, return_inverse=True)
-    out = np.full((len(nodes), 4), -1, np.int32)
-    out[from_node, slots] = np.arange(len(ends))
-    return ends * 4 + slots, out, from_node, nodes, span
-
-
-def _walk_ranks(pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(head, rank, cyclic) of every directed edge along predecessor links (-1: none), by pointer jumping.
-
-    `head` is the first edge of each one's walk, `rank` its steps from there; `cyclic` marks the
-    edges on cycles (no head: their head and rank mean nothing). Each round settles some edge of
-    every walk still unsettled, so a round that settles none leaves only cycles.
-    """
-    parent = np.where(pred >= 0, pred, np.arange(len(pred)))
-    rank = (pred >= 0).astype(np.int64)  # the steps from each edge back to its parent
-    active = np.flatnonzero(pred[parent] >= 0)  # those whose parent is not their walk's head
-    while True:
-        up = parent[active]
-        rank[active] += rank[up]
-        parent[active] = parent[up]
-        unsettled = active[pred[parent[active]] >= 0]
-        if len(unsettled) == len(active):
-            break
-        active = unsettled
-    cyclic = np.zeros(len(pred), bool)
-    cyclic[active] = True
-    return parent, rank, cyclic
-
-
-def _cycle_firsts(pred: np.ndarray, key: np.ndarray, cyclic: np.ndarray) -> np.ndarray:
-    """The lowest-key edge on each `cyclic` edge's cycle (others: themselves), by windows doubling until none changes."""
-    cycle = np.flatnonzero(cyclic)
-    lowest, parent = np.arange(len(pred)), pred.copy()
-    while True:
-        candidate = lowest[parent[cycle]]
-        better = key[candidate] < key[lowest[cycle]]
-        if not better.any():
-            return lowest
-        lowest[cycle] = np.where(better, candidate, lowest[cycle])
-        parent[cycle] = parent[parent[cycle]]
-
-
-def _walks(key: np.ndarray, out: np.ndarray, from_node: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(walked, first, rank, loop) per segment: the walks GEOS's line merger takes through the directed edges.
-
-    Lines run between nodes not of degree 2; each starts at its end first in the merger's node
-    and star order. Isolated loops (all nodes of degree 2) start at their first node and its first
-    out-edge. For each segment: the directed edge of it walked, the walk's first directed edge, its
-    steps from there, and whether the walk is an isolated loop.
-    """
-    degree = (out >= 0).sum(axis=1, dtype=np.int8)
-    pair = np.sort(out[degree == 2], axis=1)[:, 2:]  # the two out-edges of each node of degree 2
-    pred = np.full(len(key), -1, np.int64)
-    pred[pair[:, 0]], pred[pair[:, 1]] = pair[:, 1] ^ 1, pair[:, 0] ^ 1
-    head, rank, cyclic = _walk_ranks(pred)
-    first = np.where(cyclic, _cycle_firsts(pred, key, cyclic), head)  # of the walk each directed edge is on
-    walked = np.arange(0, len(key), 2) + (key[first[1::2]] < key[first[0::2]])  # the direction that starts first
-    loop = cyclic[walked]
-    cut = np.full(len(key), -1, np.int64)  # the loops' walks, cut at their first edges
-    cut[walked[loop]] = pred[walked[loop]]
-    cut[first[walked[loop]]] = -1
-    return walked, first[walked], np.where(loop, _walk_ranks(cut)[1][walked], rank[walked]), loop
-
-
-def merged_lines(start: np.ndarray, stop: np.ndarray, vertical: np.ndarray) -> np.ndarray:
-    """The segments merged into lines between junctions: the same lines, in the same order, as GEOS's line merger.
-
-    Lines with more reversed than forward segments are reversed, as the merger does.
-    """
-    import shapely
-
-    key, out, from_node, nodes, span = _merge_graph(start, stop, vertical)
-    walked, first, rank, loop = _walks(key, out, from_node)
-    order = np.lexsort((rank, key[first], loop))  # lines from junctions first, each in the merger's order
-    walked, first, rank = walked[order], first[order], rank[order]
-    begins = np.concatenate([[True], first[1:] != first[:-1]])
-    line = np.cumsum(begins) - 1
-    lengths = np.bincount(line)
-    flip = 2 * np.bincount(line, weights=walked & 1) > lengths
-    offsets = np.cumsum(lengths + 1) - lengths - 1
-    points = np.empty(offsets[-1] + lengths[-1] + 1, np.int64)
-    points[offsets[line] + np.where(flip[line], lengths[line] - rank - 1, rank + 1)] = nodes[from_node[walked ^ 1]]
-    points[offsets + np.where(flip, lengths, 0)] = nodes[from_node[first[begins]]]
-    coords = np.stack([points // span, points % span], axis=1).astype(np.float64)
-    return shapely.linestrings(coords, indices=np.repeat(np.arange(len(lengths)), lengths + 1))
 
 
 def coverage_faces(labels: Any, band_rows: int = BAND_ROWS) -> tuple[np.ndarray, np.ndarray]:
@@ -302,57 +203,6 @@ def class_faces(
     return shapely.orient_polygons(faces), labels, areas_um2
 
 
-def _number_bytes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(chars, keep): each value's `repr` (what json writes) as a row of ASCII bytes, and which of them to keep.
-
-    The values must be rounded to COORDINATE_DECIMALS (3) already: such a float is the double
-    nearest k / 1000, whose shortest repr is that decimal with its fraction's trailing zeros
-    dropped (one digit kept), in fixed notation from 10^-4 up to 10^16; exact below 10^12.
-    """
-    whole, fraction = np.divmod(np.rint(np.abs(values) * 1000.0).astype(np.int64), 1000)
-    largest = int(whole.max(initial=0))
-    if largest >= 10**12:
-        raise WsisegError(f"coordinate {largest} is beyond what a slide holds: check the mask's origin and MPP")
-    groups = -(-len(str(largest)) // 3)  # of three integer digits
-    digits = DIGIT_GROUPS[np.stack([whole // 1000**k % 1000 for k in range(groups - 1, -1, -1)] + [fraction], 1)]
-    width = 3 * groups
-    chars = np.empty((len(values), width + 5), np.uint8)
-    chars[:, 0], chars[:, width + 1] = ord("-"), ord(".")
-    chars[:, 1 : width + 1], chars[:, width + 2 :] = digits[:, :-1].reshape(len(values), width), digits[:, -1]
-    keep = np.empty(chars.shape, bool)
-    keep[:, 0] = np.signbit(values)
-    lengths = np.searchsorted(10 ** np.arange(1, width), whole, side="right") + 1  # of the integer part
-    keep[:, 1 : width + 1] = np.arange(width) >= width - lengths[:, None]  # no leading zeros
-    keep[:, width + 1] = True
-    keep[:, width + 2 :] = FRACTION_KEEP[fraction]  # no trailing zeros after the first decimal
-    return chars, keep
-
-
-def _constant_bytes(text: bytes, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """(chars, keep) of `count` rows of `text`, all kept (see `_number_bytes`)."""
-    return np.broadcast_to(np.frombuffer(text, np.uint8), (count, len(text))), np.ones((count, len(text)), bool)
-
-
-def _coordinate_texts(polygons: np.ndarray) -> list[str]:
-    """Each polygon's GeoJSON coordinates as json.dumps writes shapely's `mapping` of it (rings of [x, y], exterior first)."""
-    import shapely
-
-    rings, owner = shapely.get_rings(polygons, return_index=True)
-    points = shapely.get_coordinates(rings)
-    parts = [_constant_bytes(b"[", len(points)), _number_bytes(points[:, 0]), _constant_bytes(b", ", len(points)),
-             _number_bytes(points[:, 1]), _constant_bytes(b"], ", len(points))]  # a row per vertex: "[x, y], "
-    rows = np.concatenate([chars for chars, _ in parts], axis=1)
-    keep = np.concatenate([kept for _, kept in parts], axis=1)
-    text = rows[keep].tobytes().decode("ascii")
-    vertex_ends = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])
-    ring_ends = np.cumsum(shapely.get_num_coordinates(rings))
-    bounds = vertex_ends[np.concatenate([[0], ring_ends])].tolist()
-    nested: list[list[str]] = [[] for _ in polygons]
-    for polygon, begin, end in zip(owner.tolist(), bounds, bounds[1:]):
-        nested[polygon].append(f"[{text[begin : end - 2]}]")
-    return [f"[{', '.join(polygon)}]" for polygon in nested]
-
-
 def _feature_texts(store: MaskStore, polygons: np.ndarray, labels: np.ndarray, areas: np.ndarray) -> Iterator[str]:
     """Each feature's GeoJSON text, as json.dumps writes it, formatted about VERTICES_PER_WRITE vertices at a time."""
     import shapely
@@ -367,7 +217,7 @@ def _feature_texts(store: MaskStore, polygons: np.ndarray, labels: np.ndarray, a
     firsts = np.flatnonzero(np.diff((np.cumsum(counts) - counts) // VERTICES_PER_WRITE, prepend=-1)).tolist()
     for begin, end in zip(firsts, [*firsts[1:], len(polygons)]):
         run = slice(begin, end)
-        texts = _coordinate_texts(polygons[run])
+        texts = coordinate_texts(polygons[run])
         for coordinates, label, area in zip(texts, labels[run].tolist(), areas[run].tolist()):
             yield f"{head}{coordinates}}}, \"properties\": {properties[label]}{round(area, 3)!r}}}}}}}"
 
