@@ -208,3 +208,15 @@ def test_a_store_at_another_mpp_than_asked_is_refused_before_torch_loads(materia
                             text=True, timeout=300)
     assert_user_error(result, "holds the slide at 0.5 MPP, not 1", "--mpp 0.5")
     assert result.stdout.strip().endswith("torch not loaded"), result.stdout
+
+
+def test_a_tissue_mask_file_that_marks_nothing_in_the_image_is_named(material: dict[str, Path], tmp_path: Path) -> None:
+    """The advice is not "pass a mask file" when a mask file was passed: it names the file and what to check."""
+    outside = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, "geometry": {
+        "type": "Polygon", "coordinates": [[[1000, 1000], [1100, 1000], [1100, 1100], [1000, 1100], [1000, 1000]]]}}]}
+    mask = tmp_path / "elsewhere.geojson"
+    mask.write_text(json.dumps(outside))
+    with pytest.raises(WsisegError, match="the --tissue mask elsewhere.geojson marks no tissue in crop224.png .*covers"):
+        segment_slide(material["crop224"], material["checkpoint"], tmp_path / "out", tissue=mask, slide_mpp=0.5,
+                      device="cpu", workers=0, exports=(), show_progress=False)
+    assert not (tmp_path / "out" / "mask.zarr").exists()

@@ -88,9 +88,12 @@ def heap_released(sink: StripeSink) -> StripeSink:
     return write
 
 
-def check_tissue(view: SourceView, mask: Any, mpp: float) -> None:
+def check_tissue(view: SourceView, mask: Any, mpp: float, tissue: str | Path = "auto") -> None:
     """A run without a single tissue window is a user error (never an empty "ok"), checked before any output."""
     where = f"{view.path.name} ({view.width}x{view.height} px)"
+    if not mask.mask.any() and str(tissue) not in ("auto", "all"):
+        raise WsisegError(f"the --tissue mask {Path(tissue).name} marks no tissue in {where}: check that it covers "
+                          "this image (GeoJSON in level-0 pixels, a PNG over the whole image), or pass --tissue all")
     if not mask.mask.any():
         raise WsisegError(f"no tissue found in {where}: check the image, or pass --tissue all or a mask file")
     if not mask.covers(0, 0, view.width, view.height, mpp):
@@ -250,7 +253,7 @@ def _produce(run: SlideRun, out_dir: Path) -> dict[str, Any]:
              view.height, settings.mode)
     tick = time.perf_counter()
     mask = view.tissue()
-    check_tissue(view, mask, settings.mpp)
+    check_tissue(view, mask, settings.mpp, settings.tissue)
     run.timed("tissue_s", tick)
     # read before the loop, while no reader thread or stripe buffer is alive, so the read's
     # transient buffers (a few hundred MB on large slides) never stack on the loop's memory
