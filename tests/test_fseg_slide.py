@@ -155,3 +155,23 @@ def test_fseg_slides_skip_a_bad_slide_and_rerun_skips_the_finished(samples: dict
     again = fseg_slides(slides[:1], tmp_path / "out" / "cmu_svs", bank=tmp_path / "out" / "concepts.safetensors",
                         **options)
     assert again[0].status == "skipped"
+
+
+def test_a_multi_slide_run_loads_its_model_once(samples: dict[str, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsiseg.model_cache
+    import wsiseg.models.registry
+    from wsiseg.fseg.slides import fseg_slides
+
+    loads: list[str] = []
+    real = wsiseg.models.registry.build_backbone
+    monkeypatch.setattr(wsiseg.models.registry, "build_backbone", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(wsiseg.model_cache, "_LAST", {})
+    slides = [samples["cmu_svs"], samples["cmu_pyramid_tiff"]]
+    options = {"k": 2, "mpp": 4.0, "window": 64, "device": "cpu", "exports": (), "show_progress": False}
+    results = fseg_slides(slides, tmp_path / "out", **options)  # the shared fit, then both slides
+    assert [r.status for r in results] == ["done", "done"] and len(loads) == 1
+    assert [r.status for r in fseg_slides(slides, tmp_path / "out", **options)] == ["skipped", "skipped"]
+    assert len(loads) == 1
+    fseg_slides(slides[:1], tmp_path / "layer", layer=-2, **options)
+    assert len(loads) == 1  # another layer of the same backbone

@@ -414,3 +414,17 @@ def test_fseg_detects_tissue_once_per_slide(samples: dict[str, Path], tmp_path: 
     wsiseg.fseg_slide(crop, tmp_path / "out", k=3, slide_mpp=0.5, mpp=1.0, window=128, device="cpu",
                       exports=("tiff",), show_progress=False)
     assert len(calls) == 1  # no-tissue check, token sampling and the slide loop share one detection
+
+
+def test_several_slides_load_the_model_once(he_png: Path, samples: dict[str, Path], checkpoint: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsiseg import model_cache
+    from wsiseg.engine.segment import SegmentModel
+
+    loads: list[str] = []
+    real = SegmentModel.load
+    monkeypatch.setattr(SegmentModel, "load", lambda self, device: loads.append(self.checkpoint) or real(self, device))
+    monkeypatch.setattr(model_cache, "_LAST", {})
+    options = {"slide_mpp": 2.0, "mpp": 2.0, "exports": (), "workers": 0, "device": "cpu"}
+    results = segment_slides([he_png, samples["cmu_svs"]], checkpoint, tmp_path, **options)
+    assert [r.status for r in results] == ["done", "done"] and len(loads) == 1

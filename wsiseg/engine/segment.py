@@ -8,7 +8,6 @@ cluster (`scheduler`), each slide into its own folder.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +20,7 @@ from wsiseg.engine.run import run_slide
 from wsiseg.engine.settings import RunSettings, split_options
 from wsiseg.errors import WsisegError
 from wsiseg.locks import output_lock
+from wsiseg.model_cache import file_stamp, last_loaded
 from wsiseg.progress import get_logger
 
 log = get_logger("segment")
@@ -195,19 +195,11 @@ def preflight(
     return failed
 
 
-_PREDICTOR: dict[str, Any] = {}  # the last predictor loaded in this process (a dask worker keeps its model)
-
-
 def cached_predictor(model: SegmentModel, device: Any) -> Any:
     """`model.load(device)`, reusing the model this process loaded last when the same one is asked for again."""
-    checkpoint = Path(model.checkpoint)
-    stamp = checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None  # missing: load_predictor says so
-    key = json.dumps([str(checkpoint.resolve()), stamp, model.config, str(device), model.precision, model.weights,
-                      model.random_weights], default=str)
-    if key not in _PREDICTOR:
-        _PREDICTOR.clear()
-        _PREDICTOR[key] = model.load(device)
-    return _PREDICTOR[key]
+    key = ["segment", file_stamp(model.checkpoint), model.config, str(device), model.precision,
+           file_stamp(model.weights), model.random_weights]
+    return last_loaded(key, lambda: model.load(device))
 
 
 def _segment_one(slide: Path, out: Path, model: SegmentModel, settings: RunSettings) -> SlideResult:

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from wsiseg.devices import resolve_device
 from wsiseg.engine.settings import RunSettings
 from wsiseg.errors import WsisegError
 from wsiseg.fseg.concepts import ConceptBank, load_bank, save_bank
@@ -121,8 +120,7 @@ def fit_concepts(
         check_writable(Path(out), settings.overwrite)
     opened = _open(paths, settings)
     try:
-        extractor = load_extractor(fseg.model, fseg.weights, fseg.layer, settings.device)
-        _check_window(extractor, settings.window)
+        extractor = _load_extractor(settings, fseg)
         bank = _fit(opened, extractor, ks, settings, max_windows, max_tokens, fseg.seed)
         if out is not None:
             save_bank(bank, Path(out), overwrite=settings.overwrite)
@@ -160,16 +158,21 @@ def _targets(paths: list[Path], out: Path, settings: RunSettings, fseg: FsegOpti
     return targets
 
 
-def _extractor(views: list[Any], settings: RunSettings, fseg: FsegOptions, device: Any) -> FeatureExtractor:
+def _load_extractor(settings: RunSettings, fseg: FsegOptions) -> FeatureExtractor:
+    """The backbone's feature extractor, checked against the window."""
+    extractor = load_extractor(fseg.model, fseg.weights, fseg.layer, settings.device)
+    _check_window(extractor, settings.window)
+    return extractor
+
+
+def _extractor(views: list[Any], settings: RunSettings, fseg: FsegOptions) -> FeatureExtractor:
     """The backbone's feature extractor, once every slide is known to hold a tissue window."""
     from wsiseg.fseg.sampling import tissue_windows
 
     for view in views:
         if not tissue_windows(view, settings.window, settings.mpp):
             raise WsisegError(f"no tissue found in {view.path}: check the slide, or pass --tissue all or a mask file")
-    extractor = load_extractor(fseg.model, fseg.weights, fseg.layer, device)
-    _check_window(extractor, settings.window)
-    return extractor
+    return _load_extractor(settings, fseg)
 
 
 def _concepts(
@@ -217,7 +220,7 @@ def fseg_slide(
     targets = _targets(paths, out, settings, fseg)
     opened = _open(paths, settings)
     try:
-        extractor = _extractor(opened, settings, fseg, resolve_device(settings.device))
+        extractor = _extractor(opened, settings, fseg)
         concepts, bank_path = _concepts(opened, extractor, out, settings, fseg, bank)
         predictor = FsegPredictor(extractor, concepts, mode=fseg.mode, scale_before_argmax=fseg.scale_before_argmax)
         info = {

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsiseg.devices import resolve_device
 from wsiseg.errors import WsisegError
+from wsiseg.model_cache import file_stamp, last_loaded
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +61,8 @@ def load_extractor(
     device: str = "auto",
     precision: str = "auto",
 ) -> FeatureExtractor:
-    """Build `model` (with `weights`, or its default weights) in eval mode and check `layer`."""
+    """Build `model` (with `weights`, or its default weights) in eval mode and check `layer`; the backbone
+    this process built last is reused when the same one is asked for again (wsiseg.model_cache)."""
     from wsiseg.models.finetune import trunk
     from wsiseg.models.registry import build_backbone, get_spec
 
@@ -74,7 +76,8 @@ def load_extractor(
     else:
         feature_dim = int(spec.embed_dim)
     resolved = resolve_device(device)
-    backbone = build_backbone(model, weights, device=str(resolved)).eval()
+    key = ["backbone", model, file_stamp(weights), str(resolved)]
+    backbone = last_loaded(key, lambda: build_backbone(model, weights, device=str(resolved)).eval())
     if spec.kind != "cnn":
         depth = len(trunk(backbone).blocks)
         if not -depth <= layer < depth:
