@@ -265,10 +265,12 @@ class TileStore:
 
     def read_coarse(self, x: int, y: int, width: int, height: int, factor: float) -> np.ndarray:
         """A box of the stored image from the coarsest pyramid level at least as fine as `factor` x its MPP
-        (downsample 2^L <= factor): about (height, width) / 2^L pixels; the full-size box without a pyramid."""
+        (downsample 2^L <= factor): about (height, width) / 2^L pixels; at full size (`read`) without a pyramid."""
         level, array = 0, self.array
         while 2 ** (level + 1) <= factor and (coarser := self.pyramid_level(level + 1)) is not None:
             level, array = level + 1, coarser
+        if level == 0:  # a full-size read reads as `read` does (the source's glass with `glass_from_source`)
+            return self.read(x, y, width, height)
         scale = 2**level
         return read_box(array, round(x / scale), round(y / scale), max(1, round(width / scale)),
                         max(1, round(height / scale)))
