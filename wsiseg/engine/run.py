@@ -33,7 +33,7 @@ from wsiseg.export.choices import EXPORTS
 from wsiseg.outputs import check_writable, finish_publish, partial_path, publish_together, remove
 from wsiseg.progress import get_logger, log_to_file, progress_bar
 from wsiseg.slide.grid import Frame, Grid
-from wsiseg.slide.mask import tissue_request
+from wsiseg.slide.mask import TISSUE_MODES, tissue_request
 from wsiseg.store.masks import MaskStore
 
 log = get_logger("engine")
@@ -91,10 +91,11 @@ def heap_released(sink: StripeSink) -> StripeSink:
 def check_tissue(view: SourceView, mask: Any, mpp: float, tissue: str | Path = "auto") -> None:
     """A run without a single tissue window is a user error (never an empty "ok"), checked before any output."""
     where = f"{view.path.name} ({view.width}x{view.height} px)"
-    if not mask.mask.any() and str(tissue) not in ("auto", "all"):
-        raise WsisegError(f"the --tissue mask {Path(tissue).name} marks no tissue in {where}: check that it covers "
-                          "this image (GeoJSON in level-0 pixels, a PNG over the whole image), or pass --tissue all")
     if not mask.mask.any():
+        if str(tissue) not in TISSUE_MODES:
+            raise WsisegError(f"the --tissue mask {Path(tissue).name} marks no tissue in {where}: check that it "
+                              "covers this image (GeoJSON in level-0 pixels, a PNG over the whole image), or pass "
+                              "--tissue all")
         raise WsisegError(f"no tissue found in {where}: check the image, or pass --tissue all or a mask file")
     if not mask.covers(0, 0, view.width, view.height, mpp):
         raise WsisegError(
